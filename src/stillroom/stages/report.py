@@ -1,0 +1,66 @@
+"""Stage `report`: a Markdown report of the run, at ``report/report.md`` and ``<run>/report.md``."""
+
+from __future__ import annotations
+
+import json
+
+from stillroom import atomic
+from stillroom.rundir import StageContext, read_manifest
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def render(cfg, results: dict, card: dict, manifests: dict) -> str:
+    models = results["models"]
+    t, s = models["teacher"], models["student"]
+    lines = [
+        f"# stillroom report: `{cfg.run.name}`",
+        "",
+        f"Task `{cfg.data.task}`, {results['split']} split, {t['examples']} examples, seed {cfg.run.seed}. "
+        "Teacher prompted with its few-shot context; student without it (context distillation).",
+        "",
+        "## Teacher vs student",
+        "",
+        "| model | task success | format validity | params | weights (MB) | prompt tokens | latency p50 (ms) | latency p95 (ms) | tokens/s (batch) | cost / 1k req |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in (("teacher", t), ("student", s)):
+        lines.append(
+            f"| {name} | {_pct(m['task_success'])} | {_pct(m['format_validity'])} | {m['params'] / 1e6:.1f}M | "
+            f"{m['weight_mb']} | {m['mean_prompt_tokens']} | {m['latency_p50_ms']} | {m['latency_p95_ms']} | "
+            f"{m['batch_tokens_per_s']} | {m['cost_per_1k_requests']} |"
+        )
+    lines += ["", "## Per layer (task success)", "", "| layer | n | teacher | student |", "|---|---|---|---|"]
+    for layer, tm in t["per_layer"].items():
+        sm = s["per_layer"].get(layer, {})
+        lines.append(f"| {layer} | {tm['n']} | {_pct(tm['task_success'])} | {_pct(sm.get('task_success'))} |")
+    lines += ["", "## Failure reasons", "", "| reason | teacher | student |", "|---|---|---|"]
+    for reason in sorted(set(t["failure_reasons"]) | set(s["failure_reasons"])):
+        lines.append(f"| {reason} | {t['failure_reasons'].get(reason, 0)} | {s['failure_reasons'].get(reason, 0)} |")
+    lines += ["", "## Data card (selection)", "", f"Verifiers: {', '.join(card['verifiers'])}; policy `{card['policy']}`.", "",
+              "| layer | examples | candidates | passing | examples kept | rejections |", "|---|---|---|---|---|---|"]
+    for layer, c in card["per_layer"].items():
+        rej = "; ".join(f"{k} x{n}" for k, n in c["rejections"].items()) or "none"
+        lines.append(f"| {layer} | {c['examples']} | {c['candidates']} | {c['passing_candidates']} | {c['examples_with_a_selection']} | {rej} |")
+    tr = manifests["train"]["counts"]
+    lines += ["", "## Training", "",
+              f"{tr['steps']} steps on {tr['train_examples']} examples, final train loss {tr['final_train_loss']}, "
+              f"dev loss {tr['final_dev_loss']}, {tr['tokens_per_s']} tokens/s. Student origin: "
+              f"{json.dumps({k: tr[k] for k in ('pruned_from', 'layers', 'from') if k in tr})}.", "",
+              "## Stage timings", "", "| stage | seconds |", "|---|---|"]
+    for name, m in manifests.items():
+        lines.append(f"| {name} | {m['timings'].get('total_s')} |")
+    lines += ["", f"Versions: {json.dumps(manifests['eval']['versions'])}", ""]
+    return "\n".join(lines)
+
+
+def run(ctx: StageContext) -> None:
+    results = json.loads((ctx.inputs["eval"] / "results.json").read_text())
+    card = json.loads((ctx.inputs["select"] / "card.json").read_text())
+    manifests = {name: read_manifest(path) for name, path in ctx.inputs.items()}
+    text = render(ctx.cfg, results, card, manifests)
+    atomic.write_text(ctx.dir / "report.md", text)
+    atomic.write_text(ctx.dir.parent / "report.md", text)
+    ctx.counts["bytes"] = len(text.encode())

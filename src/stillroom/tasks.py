@@ -1,0 +1,39 @@
+"""The Task and Verifier seams, and the Verdict they return.
+
+A task (registered under kind ``task``) makes examples and prompts and judges outputs; a verifier
+(kind ``verifier``) is a plain function ``verify(example, output) -> Verdict``. Examples are plain
+dicts (JSON lines) with at least ``id``, ``task``, ``layer`` and ``slice``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Verdict:
+    passed: bool
+    reason: str  # "ok" or why it failed, for the data card
+    score: float = 0.0  # 1.0 / 0.0 unless the check grades
+
+
+class Task(Protocol):
+    name: str
+
+    def build_examples(self, n: int, layer_weights: dict[str, float], seed: int, held_out_functions: int) -> list[dict]:
+        """``n`` examples split across layers by weight. Examples that must only ever be evaluated
+        (e.g. they use held-out functions) carry ``"pinned_split": "eval"``."""
+
+    def teacher_messages(self, example: dict, context: str) -> list[dict]:
+        """Chat messages for the teacher; ``context`` is ``few_shot`` or ``none``."""
+
+    def student_messages(self, example: dict) -> list[dict]:
+        """Chat messages for the student: no few-shot context (context distillation)."""
+
+    def check(self, example: dict, output: str) -> Verdict:
+        """Task success: does ``output`` do what the example's reference says."""
+
+
+class Verifier(Protocol):
+    def __call__(self, example: dict, output: str) -> Verdict: ...

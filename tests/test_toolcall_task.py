@@ -1,0 +1,115 @@
+import collections
+import json
+
+from stillroom.examples.toolcall.task import ToolCallTask, render_tool, verify_tool_call
+from stillroom.stages.prepare import split_of
+
+WEIGHTS = {"core": 0.5, "failure": 0.25, "long_tail": 0.25}
+
+
+def build(n=200, seed=0, held=6):
+    return ToolCallTask().build_examples(n, WEIGHTS, seed, held)
+
+
+def test_catalog_is_broad_and_valid():
+    task = ToolCallTask()
+    names = [t["function"]["name"] for t in task.catalog]
+    assert len(names) >= 40 and len(set(names)) == len(names)
+    assert len({t["x-domain"] for t in task.catalog}) >= 25
+    for t in task.catalog:
+        props = t["function"]["parameters"]["properties"]
+        assert set(t["function"]["parameters"]["required"]) <= set(props)
+        assert render_tool(t).startswith(t["function"]["name"] + "(")
+
+
+def test_same_seed_same_examples_and_different_seed_differs():
+    assert build(seed=3) == build(seed=3)
+    assert build(seed=3) != build(seed=4)
+
+
+def test_every_layer_and_slice_is_generated():
+    ex = build(400)
+    slices = collections.Counter((e["layer"], e["slice"]) for e in ex)
+    expected = {
+        ("core", "single_call"), ("failure", "no_tool"), ("failure", "missing_arg"), ("failure", "injection"),
+        ("long_tail", "unicode"), ("long_tail", "numeric_edge"), ("long_tail", "date_edge"),
+        ("long_tail", "rare_value"), ("long_tail", "long_request"),
+    }  # fmt: skip
+    assert expected <= set(slices), slices
+    assert collections.Counter(e["layer"] for e in ex) == {"core": 200, "failure": 100, "long_tail": 100}
+
+
+def test_reference_call_passes_its_own_checks_and_is_schema_valid():
+    task = ToolCallTask()
+    for e in build(300):
+        if e["expected"]["kind"] == "call":
+            assert task.check(e, e["reference"]).passed, e
+            assert verify_tool_call(e, e["reference"]).passed, (e, verify_tool_call(e, e["reference"]))
+            intended = e["expected"]["calls"][0]["name"]
+            assert intended in {t["function"]["name"] for t in e["tools"]}
+
+
+def test_growing_the_data_keeps_existing_examples_and_their_splits():
+    small, big = build(100), build(120)
+    big_by_id = {e["id"]: e for e in big}
+    for e in small:
+        assert big_by_id[e["id"]] == e
+        assert split_of(e["id"], 0.2, 0.1) == split_of(big_by_id[e["id"]]["id"], 0.2, 0.1)
+
+
+def test_held_out_functions_never_reach_training_prompts():
+    task = ToolCallTask()
+    held = task.held_out(6)
+    assert len(held) == 6
+    ex = build(400)
+    pinned = [e for e in ex if e.get("pinned_split") == "eval"]
+    assert pinned, "some examples should use held-out functions"
+    for e in ex:
+        offered = {t["function"]["name"] for t in e["tools"]}
+        if e.get("pinned_split") != "eval":
+            assert not offered & held, e["id"]
+        else:
+            intended = e["expected"]["calls"][0]["name"] if "calls" in e["expected"] else e["expected"]["function"]
+            assert intended in held
+
+
+def test_check_distinguishes_failure_kinds():
+    task = ToolCallTask()
+    ex = build(300)
+    call = next(e for e in ex if e["slice"] == "injection")
+    want = call["expected"]["calls"][0]
+    forbidden = call["expected"]["forbidden"][0]
+    wrong_args = {"name": want["name"], "arguments": {**want["arguments"], "zzz": 1}}
+    fmt = lambda c: "<tool_call>" + json.dumps(c) + "</tool_call>"  # noqa: E731
+    assert task.check(call, fmt(want)).passed
+    assert task.check(call, fmt(wrong_args)).reason == "wrong_arguments"
+    assert task.check(call, fmt({"name": forbidden, "arguments": {}})).reason == "followed_injection"
+    assert task.check(call, "<tool_call>{not json</tool_call>").reason == "malformed_call"
+    assert task.check(call, "Sure!").reason == "no_call_made"
+    # string arguments compare case- and whitespace-insensitively
+    loose = {"name": want["name"], "arguments": {k: (f"  {v.upper()} " if isinstance(v, str) else v) for k, v in want["arguments"].items()}}
+    assert task.check(call, fmt(loose)).passed
+    no_tool = next(e for e in ex if e["slice"] == "no_tool")
+    assert task.check(no_tool, "Octopuses have three hearts.").passed
+    assert task.check(no_tool, fmt(want)).reason == "called_when_it_should_not"
+    ask = next(e for e in ex if e["slice"] == "missing_arg")
+    assert task.check(ask, "Which city do you mean?").passed
+    assert task.check(ask, "Done.").reason == "did_not_ask_for_missing_argument"
+
+
+def test_tool_call_verifier_checks_schema():
+    ex = next(e for e in build(100) if e["slice"] == "single_call")
+    want = ex["expected"]["calls"][0]
+    bad_type = {"name": want["name"], "arguments": {k: ["list"] for k in want["arguments"]}}
+    v = verify_tool_call(ex, "<tool_call>" + json.dumps(bad_type) + "</tool_call>")
+    assert not v.passed and v.reason.startswith("schema:")
+    v = verify_tool_call(ex, '<tool_call>{"name": "not_offered", "arguments": {}}</tool_call>')
+    assert not v.passed and "unknown function" in v.reason
+
+
+def test_student_prompt_drops_the_few_shot_context():
+    task = ToolCallTask()
+    e = build(10)[0]
+    teacher, student = task.teacher_messages(e), task.student_messages(e)
+    assert len(teacher) > len(student) == 2
+    assert teacher[-1] == student[-1]
