@@ -151,12 +151,13 @@ class TrainConfig(Section):
     max_length: int = Field(512, ge=16)  # prompt + completion tokens; longer examples are truncated
     dropout: float = Field(0.0, ge=0, lt=1)  # attention dropout in the student while training
     sft_weight: float = Field(1.0, ge=0)  # weight of cross-entropy on selected teacher sequences
+    reference_weight: float = Field(0.0, ge=0)  # weight of cross-entropy on clean references, where known
     kd_weight: float = Field(0.0, ge=0)  # weight of KD on teacher probabilities (needs top-k signals)
 
     @model_validator(mode="after")
     def _some_loss(self) -> TrainConfig:
-        if self.sft_weight + self.kd_weight <= 0:
-            raise ValueError("sft_weight + kd_weight must be positive")
+        if self.sft_weight + self.reference_weight + self.kd_weight <= 0:
+            raise ValueError("sft_weight + reference_weight + kd_weight must be positive")
         if self.kd_weight > 0:
             raise ValueError("kd_weight > 0 needs top-k teacher signals, not available yet; set 0")
         return self

@@ -1,8 +1,12 @@
 """Stage `train`: the student learns, without the teacher's context, what the teacher did with it.
 
 Read top to bottom: 1) build the student, 2) build the data (student prompt + selected teacher
-completion, loss only on the completion), 3) the loop: AdamW, warmup + cosine, accumulation, clipping,
-dev loss after each epoch, 4) save a standard Hugging Face folder.
+completion, and the clean reference where the example has one; loss only on the completion, each
+source with its weight), 3) the loop: AdamW, warmup + cosine, accumulation, clipping, dev loss after
+each epoch, 4) save a standard Hugging Face folder.
+
+    loss = sum over completion tokens of (weight of the token's source * cross-entropy) / token count
+
 """
 
 from __future__ import annotations
@@ -29,32 +33,34 @@ def lr_at(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def encode(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids and labels (-100 on the prompt) for prompt + completion + end-of-turn."""
+def encode(tokenizer, prompt: str, completion: str, max_length: int, weight: float) -> tuple[list[int], list[int], float]:
+    """Token ids, labels (-100 on the prompt) and loss weight for prompt + completion + end-of-turn."""
     p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [generation.end_of_turn_id(tokenizer)]
     ids, labels = (p + c)[:max_length], ([-100] * len(p) + c)[:max_length]
-    return ids, labels
+    return ids, labels, weight
 
 
-def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(ids) for ids, _ in rows)
+def collate(rows: list[tuple[list[int], list[int], float]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded [B, T] ids, labels, attention mask, and [B] weights."""
+    width = max(len(ids) for ids, _, _ in rows)
     ids = torch.full((len(rows), width), pad_id)
     labels = torch.full((len(rows), width), -100)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (x, y) in enumerate(rows):
+    for i, (x, y, _) in enumerate(rows):
         ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    weights = torch.tensor([w for _, _, w in rows], dtype=torch.float32)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "weights": weights}
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of cross-entropy over completion tokens, and their count. [B, T] in, scalar out."""
+    """Weighted sum of cross-entropy over completion tokens, and their count. [B, T] in, scalar out."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     targets = batch["labels"][:, 1:]
-    loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100, reduction="sum"
-    )
-    return loss, int((targets != -100).sum())
+    per_token = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none"
+    ).view_as(targets)  # [B, T-1], 0 where ignored
+    return (per_token * batch["weights"][:, None]).sum(), int((targets != -100).sum())
 
 
 @torch.no_grad()
@@ -101,9 +107,19 @@ def run(ctx: StageContext) -> None:
     rows = {"train": [], "dev": []}
     for r in selected:
         prompt = generation.render(tokenizer, task.student_messages(examples[r["example_id"]]))
-        rows[r["split"]].append(encode(tokenizer, prompt, r["text"], t.max_length))
+        rows[r["split"]].append(encode(tokenizer, prompt, r["text"], t.max_length, t.sft_weight))
+    ctx.counts["teacher_sequences"] = {k: len(v) for k, v in rows.items()}
+    if t.reference_weight > 0:  # clean targets, where the example has one
+        for split in rows:
+            for e in read_split(ctx.inputs["prepare"], split):
+                if e.get("reference"):
+                    prompt = generation.render(tokenizer, task.student_messages(e))
+                    rows[split].append(encode(tokenizer, prompt, e["reference"], t.max_length, t.reference_weight))
     if not rows["train"]:
-        raise RuntimeError("no selected training examples: the teacher produced nothing that passed the verifiers")
+        raise RuntimeError(
+            "no training examples: nothing the teacher produced passed the verifiers "
+            "(see select/card.json), and train.reference_weight is 0"
+        )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     # 3) the loop
@@ -130,7 +146,7 @@ def run(ctx: StageContext) -> None:
                 step_loss = 0.0
                 for b in batches:  # sum over micro-batches, normalized by the step's token count
                     loss_sum, _ = token_loss_sum(model, b)
-                    loss = t.sft_weight * loss_sum / max(n_tokens, 1)
+                    loss = loss_sum / max(n_tokens, 1)
                     loss.backward()
                     step_loss += loss.item()
                     seen_tokens += int(b["attention_mask"].sum())
@@ -152,6 +168,7 @@ def run(ctx: StageContext) -> None:
     atomic.write_jsonl(ctx.dir / "log.jsonl", log)
     ctx.timings["train_s"] = round(time.time() - started, 3)
     ctx.counts.update(
+        references={k: len(v) - ctx.counts["teacher_sequences"][k] for k, v in rows.items()},
         train_examples=len(rows["train"]), dev_examples=len(rows["dev"]), steps=step,
         final_train_loss=log[-2]["loss"] if len(log) > 1 else None, final_dev_loss=log[-1]["dev_loss"],
         tokens_per_s=round(seen_tokens / (time.time() - started), 1), params=models.n_params(model), **origin,
