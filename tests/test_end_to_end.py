@@ -81,13 +81,13 @@ def test_run_skip_force_and_a_loadable_student(config, tmp_path):
     assert bad.returncode == 2 and "unknown stage" in bad.stderr
 
 
-def test_killed_generate_resumes_without_lost_or_duplicate_records(config, tmp_path):
+def test_run_killed_during_generate_resumes_without_lost_or_duplicate_records(config, tmp_path):
     cli("generate", config)  # uninterrupted reference, run "a"
     reference = records(tmp_path / "runs" / "a")
 
     run_b = tmp_path / "runs" / "b"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stillroom.cli", "generate", str(config), "run.name=b"],
+        [sys.executable, "-m", "stillroom.cli", "run", str(config), "run.name=b"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.time() + 120
@@ -99,10 +99,25 @@ def test_killed_generate_resumes_without_lost_or_duplicate_records(config, tmp_p
     assert not (run_b / "generate" / "manifest.json").exists()
     assert not (run_b / "generate" / "shards").exists()  # nothing a later run would trust
 
-    cli("generate", config, "run.name=b")
+    cli("run", config, "run.name=b")
     m = manifest(run_b, "generate")
     assert m["counts"]["shards_resumed"] >= 1
     resumed = records(run_b)
     keys = [(r["example_id"], r["candidate"]) for r in resumed]
     assert len(keys) == len(set(keys)) == m["counts"]["candidates"]
     assert resumed == reference
+    assert manifest(run_b, "report")["status"] == "complete"
+
+
+def test_every_command_documents_itself():
+    from typer.testing import CliRunner
+
+    from stillroom.cli import app
+
+    runner = CliRunner()
+    top = runner.invoke(app, ["--help"])
+    assert top.exit_code == 0
+    for command in ["validate", "run", "demo", *STAGES]:
+        assert command in top.output
+        sub = runner.invoke(app, [command, "--help"])
+        assert sub.exit_code == 0 and "Usage" in sub.output and len(sub.output) > 200, command

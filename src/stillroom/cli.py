@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -9,6 +10,8 @@ import typer
 from rich.console import Console
 
 from stillroom.config import ConfigError, PipelineConfig, load_config
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from local folders; never reach for a hub
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="stillroom: distil a teacher into a student, prove it, ship it.")
 err = Console(stderr=True)

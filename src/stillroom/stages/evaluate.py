@@ -16,6 +16,7 @@ from stillroom.plugins import registry
 from stillroom.progress import add, advance, bar
 from stillroom.rundir import StageContext
 from stillroom.stages.prepare import read_split
+from stillroom.teachers import HFTeacher, Sampling
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -28,16 +29,19 @@ def percentile(values: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def evaluate_model(label, model, tokenizer, messages_of, examples, ecfg, task, price_per_hour) -> tuple[dict, list[dict]]:
+def evaluate_model(label, endpoint, messages_of, examples, ecfg, task, price_per_hour) -> tuple[dict, list[dict]]:
+    """``endpoint``: a Teacher (``complete``); timing goes through ``timed_request`` for local models
+    (cold: the whole prompt processed) and through ``complete`` for remote ones (HTTP included)."""
     fmt = registry().get("verifier", "tool_call")
-    outputs, new_tokens, prefix_cache = [], 0, generation.PrefixCache()
+    greedy = Sampling(ecfg.max_new_tokens)
+    outputs, new_tokens = [], 0
     with bar() as progress:
         job = add(progress, f"eval {label}", len(examples), "ex")
         t0 = time.time()
         for i in range(0, len(examples), ecfg.batch_size):
             batch = examples[i : i + ecfg.batch_size]
-            prompts = [generation.render(tokenizer, messages_of(e)) for e in batch]
-            for e, g in zip(batch, generation.generate(model, tokenizer, prompts, max_new_tokens=ecfg.max_new_tokens, prefix_cache=prefix_cache)):
+            convs = [messages_of(e) for e in batch]
+            for e, g in zip(batch, endpoint.complete(convs, greedy, [0] * len(batch), 0)):
                 ok, valid = task.check(e, g.text), fmt(e, g.text)
                 outputs.append({"model": label, "example_id": e["id"], "layer": e["layer"], "slice": e["slice"],
                                 "output": g.text, "success": ok.passed, "reason": ok.reason, "format_valid": valid.passed,
@@ -49,7 +53,12 @@ def evaluate_model(label, model, tokenizer, messages_of, examples, ecfg, task, p
     with bar() as progress:
         job = add(progress, f"latency {label}", min(ecfg.latency_requests, len(examples)), "req")
         for e in examples[: ecfg.latency_requests]:
-            seconds, _ = generation.timed_request(model, tokenizer, messages_of(e), ecfg.max_new_tokens, toolcalls.parse)
+            if hasattr(endpoint, "model"):  # local: cold request, no prefix cache
+                seconds, _ = generation.timed_request(endpoint.model, endpoint.tokenizer, messages_of(e), ecfg.max_new_tokens, toolcalls.parse)
+            else:
+                t1 = time.perf_counter()
+                toolcalls.parse(endpoint.complete([messages_of(e)], greedy, [0], 0)[0].text)
+                seconds = time.perf_counter() - t1
             latencies.append(seconds)
             advance(progress, job)
 
@@ -72,8 +81,8 @@ def evaluate_model(label, model, tokenizer, messages_of, examples, ecfg, task, p
         "latency_requests": len(latencies),
         "batch_tokens_per_s": round(new_tokens / batch_s, 2),
         "cost_per_1k_requests": round(p50 * 1000 / 3600 * price_per_hour, 5),
-        "params": models.n_params(model),
-        "weight_mb": round(models.weight_bytes(model) / 2**20, 1),
+        "params": models.n_params(endpoint.model) if hasattr(endpoint, "model") else None,
+        "weight_mb": round(models.weight_bytes(endpoint.model) / 2**20, 1) if hasattr(endpoint, "model") else None,
         "failure_reasons": dict(collections.Counter(r["reason"] for r in outputs if not r["success"]).most_common()),
     }
     return metrics, outputs
@@ -86,14 +95,14 @@ def run(ctx: StageContext) -> None:
     price = cfg.targets.hardware_price_per_hour
     results, all_outputs = {}, []
     candidates = [
-        ("teacher", lambda: models.load(cfg.teacher.model, cfg.teacher.dtype), lambda e: task.teacher_messages(e, cfg.teacher.context)),
-        ("student", lambda: models.load(str(ctx.inputs["train"] / "model"), cfg.student.dtype), task.student_messages),
-    ]
+        ("teacher", lambda: registry().get("teacher", cfg.teacher.backend)(cfg.teacher), lambda e: task.teacher_messages(e, cfg.teacher.context)),
+        ("student", lambda: HFTeacher.load(str(ctx.inputs["train"] / "model"), cfg.student.dtype), task.student_messages),
+    ]  # fmt: skip
     for label, load, messages_of in candidates:
-        model, tokenizer = load()
-        results[label], outputs = evaluate_model(label, model, tokenizer, messages_of, examples, ecfg, task, price)
+        endpoint = load()
+        results[label], outputs = evaluate_model(label, endpoint, messages_of, examples, ecfg, task, price)
         all_outputs += outputs
-        del model
+        del endpoint
     atomic.write_json(ctx.dir / "results.json", {"split": ecfg.split, "models": results})
     atomic.write_jsonl(ctx.dir / "outputs.jsonl", all_outputs)
     ctx.counts.update(examples=len(examples), **{f"{k}_task_success": v["task_success"] for k, v in results.items()})

@@ -2,8 +2,26 @@
 
 Candidates go to Parquet shards of ``signals.shard_size`` prompts, each written atomically into a
 scratch folder named after the stage key. A killed run resumes at the first missing shard; the
-scratch folder becomes ``shards/`` in one rename when every shard is there. Candidate ``c`` of shard
-``s`` is sampled with a seed derived from (run seed, s, c), so a resumed run equals an uninterrupted one.
+scratch folder becomes ``shards/`` in one rename when every shard is there. Candidate ``c`` of example
+``x`` is drawn from its own random stream, seeded by (run seed, x, c): the same config and seed give
+the same candidates whatever the batching, and a resumed run equals an uninterrupted one.
+
+Store schema (one row per candidate; any Arrow tool opens it):
+
+| column | type | meaning |
+|---|---|---|
+| example_id | string | the example |
+| candidate | int32 | candidate index (0 is greedy when `include_greedy`) |
+| teacher | string | teacher id |
+| greedy, temperature, top_p, seed | bool, float32, float32, int64 | how it was sampled |
+| text | string | completion text |
+| token_ids | list<int32> | completion tokens, end-of-turn excluded |
+| prompt_tokens | int32 | prompt length the teacher saw |
+| finished | bool | ended at end-of-turn (else hit max_new_tokens) |
+| token_logprobs | list<float32> | log p(emitted token), untempered; one per position (+ end-of-turn) |
+| topk_ids | list<list<uint16>> (int32 if the vocabulary exceeds 65,536) | top-k ids per position |
+| topk_logprobs | list<list<float16>> | their log-probs, untempered, descending |
+| seq_logprob | float64 | sum of token_logprobs |
 """
 
 from __future__ import annotations
@@ -17,13 +35,16 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stillroom import atomic, generation, models
+from stillroom import atomic
 from stillroom.plugins import registry
 from stillroom.progress import add, advance, bar
 from stillroom.rundir import StageContext, sha256_json
+from stillroom.teachers import Sampling
 from stillroom.stages.prepare import read_split
 
-SCHEMA = pa.schema(
+def schema(vocab_size: int) -> pa.Schema:
+    id_type = pa.uint16() if vocab_size <= 65536 else pa.int32()
+    return pa.schema(
     [
         ("example_id", pa.string()),
         ("candidate", pa.int32()),
@@ -36,18 +57,23 @@ SCHEMA = pa.schema(
         ("token_ids", pa.list_(pa.int32())),
         ("prompt_tokens", pa.int32()),
         ("finished", pa.bool_()),
+        ("token_logprobs", pa.list_(pa.float32())),
+        ("topk_ids", pa.list_(pa.list_(id_type))),
+        ("topk_logprobs", pa.list_(pa.list_(pa.float16()))),
+        ("seq_logprob", pa.float64()),
     ]
-)
+    )
 
 
 def derive_seed(*parts) -> int:
     return int(sha256_json(list(parts))[:12], 16)
 
 
-def read_candidates(generate_dir: Path) -> Iterator[dict]:
-    """Stream candidate records shard by shard (never the whole store in memory)."""
+def read_candidates(generate_dir: Path, columns: list[str] | None = None, batch_size: int = 64) -> Iterator[dict]:
+    """Stream candidate records in record batches (never the whole store in memory)."""
     for shard in sorted((generate_dir / "shards").glob("shard-*.parquet")):
-        yield from pq.read_table(shard).to_pylist()
+        for batch in pq.ParquetFile(shard).iter_batches(batch_size=batch_size, columns=columns):
+            yield from batch.to_pylist()
 
 
 def run(ctx: StageContext) -> None:
@@ -64,40 +90,41 @@ def run(ctx: StageContext) -> None:
     ctx.counts["shards_resumed"] = len(shards) - len(todo)
 
     t0 = time.time()
-    model, tokenizer = models.load(cfg.teacher.model, cfg.teacher.dtype)
+    teacher = registry().get("teacher", cfg.teacher.backend)(cfg.teacher)
     ctx.timings["load_teacher_s"] = round(time.time() - t0, 3)
-    prefix_cache = generation.PrefixCache()  # the few-shot context is computed once for the run
-    teacher_id = cfg.teacher.model if cfg.teacher.model == "default" else os.path.basename(cfg.teacher.model)
+    store_schema = schema(getattr(teacher, "vocab_size", None) or 2**31)
     new_tokens, started = 0, time.time()
     with bar() as progress:
         job = add(progress, "teacher candidates", sum(len(shards[i]) for i in todo) * s.n, "cand")
         for i in todo:
             rows = []
-            prompts = [generation.render(tokenizer, task.teacher_messages(e, cfg.teacher.context)) for e in shards[i]]
             for c in range(s.n):
                 greedy = s.include_greedy and c == 0
-                seed = derive_seed(cfg.run.seed, i, c)
-                for b in range(0, len(prompts), s.batch_size):
-                    outs = generation.generate(
-                        model, tokenizer, prompts[b : b + s.batch_size], max_new_tokens=s.max_new_tokens,
-                        sample=not greedy, temperature=s.temperature, top_p=s.top_p, seed=derive_seed(seed, b),
-                        prefix_cache=prefix_cache,
-                    )  # fmt: skip
-                    for e, g in zip(shards[i][b : b + s.batch_size], outs):
+                sampling = Sampling(s.max_new_tokens, not greedy, s.temperature, s.top_p)
+                for b in range(0, len(shards[i]), s.batch_size):
+                    batch = shards[i][b : b + s.batch_size]
+                    seeds = [derive_seed(cfg.run.seed, e["id"], c) for e in batch]
+                    convs = [task.teacher_messages(e, cfg.teacher.context) for e in batch]
+                    for e, seed, g in zip(batch, seeds, teacher.complete(convs, sampling, seeds, s.top_k)):
                         rows.append({
-                            "example_id": e["id"], "candidate": c, "teacher": teacher_id, "greedy": greedy,
+                            "example_id": e["id"], "candidate": c, "teacher": teacher.id, "greedy": greedy,
                             "temperature": 0.0 if greedy else s.temperature, "top_p": 1.0 if greedy else s.top_p,
-                            "seed": seed, "text": g.text, "token_ids": g.token_ids,
+                            "seed": 0 if greedy else seed, "text": g.text, "token_ids": g.token_ids,
                             "prompt_tokens": g.prompt_tokens, "finished": g.finished,
+                            "token_logprobs": g.token_logprobs, "topk_ids": g.topk_ids,
+                            "topk_logprobs": g.topk_logprobs, "seq_logprob": g.seq_logprob,
                         })  # fmt: skip
                         new_tokens += len(g.token_ids)
-                    advance(progress, job, len(outs), info=f"{new_tokens / (time.time() - started):.1f} tok/s")
+                    advance(progress, job, len(batch), info=f"{new_tokens / (time.time() - started):.1f} tok/s")
             rows.sort(key=lambda r: (r["example_id"], r["candidate"]))
             with atomic.atomic_path(scratch / f"shard-{i:05d}.parquet") as tmp:
-                pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
+                pq.write_table(pa.Table.from_pylist(rows, schema=store_schema), tmp)
     os.replace(scratch, ctx.dir / "shards")
     ctx.timings["generate_s"] = round(time.time() - started, 3)
-    ctx.counts["prefix_cache"] = {"hits": prefix_cache.hits, "misses": prefix_cache.misses}
+    if hasattr(teacher, "prefix_cache"):
+        ctx.counts["prefix_cache"] = {"hits": teacher.prefix_cache.hits, "misses": teacher.prefix_cache.misses}
+    if hasattr(teacher, "retries"):
+        ctx.counts["http_retries"] = teacher.retries
     ctx.counts.update(prompts=len(examples), candidates=len(examples) * s.n, shards=len(shards), new_tokens=new_tokens)
     if new_tokens:
         ctx.counts["tokens_per_s"] = round(new_tokens / (time.time() - started), 2)

@@ -12,6 +12,10 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def _millions(x) -> str:
+    return "remote" if x is None else f"{x / 1e6:.1f}M"
+
+
 def render(cfg, results: dict, card: dict, manifests: dict) -> str:
     models = results["models"]
     t, s = models["teacher"], models["student"]
@@ -28,7 +32,7 @@ def render(cfg, results: dict, card: dict, manifests: dict) -> str:
     ]
     for name, m in (("teacher", t), ("student", s)):
         lines.append(
-            f"| {name} | {_pct(m['task_success'])} | {_pct(m['format_validity'])} | {m['params'] / 1e6:.1f}M | "
+            f"| {name} | {_pct(m['task_success'])} | {_pct(m['format_validity'])} | {_millions(m['params'])} | "
             f"{m['weight_mb']} | {m['mean_prompt_tokens']} | {m['latency_p50_ms']} | {m['latency_p95_ms']} | "
             f"{m['batch_tokens_per_s']} | {m['cost_per_1k_requests']} |"
         )
