@@ -26,7 +26,7 @@ import torch
 
 from stillroom import generation, models
 from stillroom.examples.toolcall.task import ToolCallTask
-from stillroom.stages.generate import schema
+from stillroom.stages.generate import record, schema
 
 
 def plain_one_at_a_time(model, tokenizer, prompts, max_new_tokens):
@@ -52,11 +52,7 @@ def ours_batched(model, tokenizer, prompts, max_new_tokens, batch_size, top_k):
 
 
 def store_bytes_per_token(results, vocab_size: int) -> float:
-    rows = [{
-        "example_id": f"x{i}", "candidate": 0, "teacher": "default", "greedy": True, "temperature": 0.0, "top_p": 1.0,
-        "seed": 0, "text": g.text, "token_ids": g.token_ids, "prompt_tokens": g.prompt_tokens, "finished": g.finished,
-        "token_logprobs": g.token_logprobs, "topk_ids": g.topk_ids, "topk_logprobs": g.topk_logprobs, "seq_logprob": g.seq_logprob,
-    } for i, g in enumerate(results)]  # fmt: skip
+    rows = [record(f"x{i}", 0, "default", g, greedy=True, temperature=0.0, top_p=1.0, seed=0) for i, g in enumerate(results)]
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "shard.parquet"
         pq.write_table(pa.Table.from_pylist(rows, schema=schema(vocab_size)), path)

@@ -25,7 +25,7 @@ def config(tmp_path, tiny_model_dir) -> Path:
         # a random tiny teacher never writes a tool call, so the examples that must not call a tool
         # are the ones whose candidates pass the tool-call verifier: weight the mixture towards them
         "data": {"n_examples": 40, "layer_weights": {"core": 0.3, "failure": 0.7}, "held_out_functions": 2},
-        "signals": {"n": 2, "max_new_tokens": 24, "batch_size": 4, "shard_size": 2},
+        "signals": {"n": 2, "max_new_tokens": 24, "batch_size": 4, "shard_size": 2, "top_k": 8, "score_references": True},
         "train": {"epochs": 1, "batch_size": 4, "max_length": 256},
         "eval": {"max_examples": 6, "max_new_tokens": 12, "latency_requests": 2},
     }
@@ -62,6 +62,17 @@ def test_run_skip_force_and_a_loadable_student(config, tmp_path):
     results = json.loads((run / "eval" / "results.json").read_text())["models"]
     assert results["student"]["params"] < results["teacher"]["params"]
     assert results["teacher"]["mean_prompt_tokens"] > results["student"]["mean_prompt_tokens"]  # the context
+
+    # the store opens with any Arrow tool, compact types included
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    store = ds.dataset(run / "generate" / "shards", format="parquet").to_table()
+    assert store.schema.field("topk_ids").type == pa.list_(pa.list_(pa.uint16()))
+    assert store.schema.field("topk_logprobs").type == pa.list_(pa.list_(pa.float16()))
+    refs = pq.read_table(run / "generate" / "shards" / "references.parquet").to_pylist()
+    assert refs and all(r["candidate"] == -1 and len(r["topk_ids"]) == len(r["token_ids"]) + 1 for r in refs)
+    assert all(len(row) == 8 for r in refs for row in r["topk_ids"])
 
     from transformers import AutoModelForCausalLM
 

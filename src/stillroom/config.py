@@ -158,6 +158,7 @@ class SignalsConfig(Section):
     top_p: float = Field(0.95, gt=0, le=1)
     max_new_tokens: int = Field(64, ge=1)
     top_k: int = Field(32, ge=0)  # teacher log-probs kept per position (0: none); untempered
+    score_references: bool = False  # also score each clean reference teacher-forced (needs `hf`)
     batch_size: int = Field(8, ge=1)
     shard_size: int = Field(32, ge=1)  # prompts per store shard: the unit of resume
 
@@ -219,6 +220,8 @@ class PipelineConfig(Section):
         if self.student.pruned_from == "teacher" and self.teacher.backend != "hf":
             raise ValueError("student.pruned_from: teacher needs a local teacher (teacher.backend: hf); "
                              "give student.model instead")  # fmt: skip
+        if self.signals.score_references and self.teacher.backend != "hf":
+            raise ValueError("signals.score_references needs a local teacher (teacher.backend: hf)")
         return self
 
 

@@ -22,6 +22,9 @@ Store schema (one row per candidate; any Arrow tool opens it):
 | topk_ids | list<list<uint16>> (int32 if the vocabulary exceeds 65,536) | top-k ids per position |
 | topk_logprobs | list<list<float16>> | their log-probs, untempered, descending |
 | seq_logprob | float64 | sum of token_logprobs |
+
+With ``signals.score_references``, ``shards/references.parquet`` holds the teacher's teacher-forced
+scores of each clean reference (same columns, ``candidate`` = -1).
 """
 
 from __future__ import annotations
@@ -65,6 +68,16 @@ def schema(vocab_size: int) -> pa.Schema:
     )
 
 
+def record(example_id: str, candidate: int, teacher_id: str, g, *, greedy: bool, temperature: float, top_p: float, seed: int) -> dict:
+    """One store row from a ``Generated``."""
+    return {
+        "example_id": example_id, "candidate": candidate, "teacher": teacher_id, "greedy": greedy,
+        "temperature": temperature, "top_p": top_p, "seed": seed, "text": g.text, "token_ids": g.token_ids,
+        "prompt_tokens": g.prompt_tokens, "finished": g.finished, "token_logprobs": g.token_logprobs,
+        "topk_ids": g.topk_ids, "topk_logprobs": g.topk_logprobs, "seq_logprob": g.seq_logprob,
+    }  # fmt: skip
+
+
 def derive_seed(*parts) -> int:
     return int(sha256_json(list(parts))[:12], 16)
 
@@ -106,19 +119,26 @@ def run(ctx: StageContext) -> None:
                     seeds = [derive_seed(cfg.run.seed, e["id"], c) for e in batch]
                     convs = [task.teacher_messages(e, cfg.teacher.context) for e in batch]
                     for e, seed, g in zip(batch, seeds, teacher.complete(convs, sampling, seeds, s.top_k)):
-                        rows.append({
-                            "example_id": e["id"], "candidate": c, "teacher": teacher.id, "greedy": greedy,
-                            "temperature": 0.0 if greedy else s.temperature, "top_p": 1.0 if greedy else s.top_p,
-                            "seed": 0 if greedy else seed, "text": g.text, "token_ids": g.token_ids,
-                            "prompt_tokens": g.prompt_tokens, "finished": g.finished,
-                            "token_logprobs": g.token_logprobs, "topk_ids": g.topk_ids,
-                            "topk_logprobs": g.topk_logprobs, "seq_logprob": g.seq_logprob,
-                        })  # fmt: skip
+                        rows.append(record(
+                            e["id"], c, teacher.id, g, greedy=greedy, temperature=0.0 if greedy else s.temperature,
+                            top_p=1.0 if greedy else s.top_p, seed=0 if greedy else seed,
+                        ))  # fmt: skip
                         new_tokens += len(g.token_ids)
                     advance(progress, job, len(batch), info=f"{new_tokens / (time.time() - started):.1f} tok/s")
             rows.sort(key=lambda r: (r["example_id"], r["candidate"]))
             with atomic.atomic_path(scratch / f"shard-{i:05d}.parquet") as tmp:
                 pq.write_table(pa.Table.from_pylist(rows, schema=store_schema), tmp)
+    if s.score_references and not (scratch / "references.parquet").exists():
+        refs = [e for e in examples if e.get("reference")]
+        rows = []
+        for b in range(0, len(refs), s.batch_size):
+            batch = refs[b : b + s.batch_size]
+            convs = [task.teacher_messages(e, cfg.teacher.context) for e in batch]
+            for e, g in zip(batch, teacher.score(convs, [e["reference"] for e in batch], max(s.top_k, 1))):
+                rows.append(record(e["id"], -1, teacher.id, g, greedy=False, temperature=1.0, top_p=1.0, seed=0))
+        with atomic.atomic_path(scratch / "references.parquet") as tmp:
+            pq.write_table(pa.Table.from_pylist(rows, schema=store_schema), tmp)
+        ctx.counts["references_scored"] = len(rows)
     os.replace(scratch, ctx.dir / "shards")
     ctx.timings["generate_s"] = round(time.time() - started, 3)
     if hasattr(teacher, "prefix_cache"):
