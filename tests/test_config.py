@@ -40,7 +40,7 @@ def test_three_problems_each_name_field_and_line(tmp_path):
     problems = e.value.problems
     assert len(problems) == 3, problems
     joined = "\n".join(problems)
-    assert f"{p}:4: train.epochz: unknown field" in joined
+    assert f"{p}:4: train.epochz: unknown field; did you mean `epochs`? allowed: epochs, batch_size" in joined
     assert f"{p}:5: train.lr:" in joined and "'fast'" in joined
     assert f"{p}:7: teacher.model: model folder './no/such/folder' does not exist" in joined
 

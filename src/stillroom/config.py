@@ -7,6 +7,7 @@ One YAML file describes a run. ``load_config(path, overrides)`` reads it, applie
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -275,12 +276,27 @@ def validate(raw: dict, source: Path, node: Any = None, overridden: list[str] = 
         raise ConfigError(problems) from None
 
 
+def _allowed_fields(loc: tuple) -> list[str]:
+    """Field names of the config section that ``loc`` (ending in the unknown key) points into."""
+    model: type[BaseModel] = PipelineConfig
+    for key in loc[:-1]:
+        field = model.model_fields.get(str(key))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
 def _message(err: dict) -> str:
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        return "unknown field (check the spelling; allowed fields are listed in README.md)"
-    if "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], (dict, list)):
-        msg += f" (got {err['input']!r})"
+        allowed = _allowed_fields(err["loc"])
+        close = difflib.get_close_matches(str(err["loc"][-1]), allowed, n=1)
+        hint = f"did you mean `{close[0]}`? " if close else ""
+        return f"unknown field; {hint}allowed: {', '.join(allowed)}"
+    got = repr(err.get("input"))
+    if "input" in err and err["type"] != "missing" and not isinstance(err["input"], (dict, list)) and got not in msg:
+        msg += f" (got {got})"
     return msg
 
 

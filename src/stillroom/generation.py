@@ -18,8 +18,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)

@@ -42,8 +42,9 @@ from stillroom import atomic
 from stillroom.plugins import registry
 from stillroom.progress import add, advance, bar
 from stillroom.rundir import StageContext, sha256_json
-from stillroom.teachers import Sampling
 from stillroom.stages.prepare import read_split
+from stillroom.teachers import Sampling
+
 
 def schema(vocab_size: int) -> pa.Schema:
     id_type = pa.uint16() if vocab_size <= 65536 else pa.int32()
