@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-STAGES = ["prepare", "generate", "select", "train", "eval", "report"]
+STAGES = ["prepare", "generate", "select", "mix", "train", "eval", "report"]
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ def test_run_skip_force_and_a_loadable_student(config, tmp_path):
 
     forced = cli("run", config, "--force", "train")
     skipped = [s for s in STAGES if f"{s}: up to date" in forced.stderr]
-    assert skipped == ["prepare", "generate", "select"], forced.stderr
+    assert skipped == ["prepare", "generate", "select", "mix"], forced.stderr
 
     bad = cli("run", config, "--force", "nosuchstage", check=False)
     assert bad.returncode == 2 and "unknown stage" in bad.stderr

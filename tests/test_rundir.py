@@ -68,6 +68,6 @@ def test_atomic_dir_replaces_whole_folder(tmp_path):
 def test_stage_graph_order_and_dependencies():
     stages = _stages()
     assert tuple(s.name for s in stages) == STAGE_NAMES
-    assert [s.name for s in upstream(stages, "train")] == ["prepare", "generate", "select", "train"]
-    assert downstream(stages, {"select"}) == {"select", "train", "eval", "report"}
+    assert [s.name for s in upstream(stages, "train")] == ["prepare", "generate", "select", "mix", "train"]
+    assert downstream(stages, {"select"}) == {"select", "mix", "train", "eval", "report"}
     assert downstream(stages, {"eval"}) == {"eval", "report"}

@@ -1,7 +1,7 @@
 import collections
 import json
 
-from stillroom.examples.toolcall.task import ToolCallTask, render_tool, verify_tool_call
+from stillroom.examples.toolcall.task import ToolCallTask, no_call, render_tool, tool_call
 from stillroom.stages.prepare import split_of
 
 WEIGHTS = {"core": 0.5, "failure": 0.25, "long_tail": 0.25}
@@ -44,7 +44,7 @@ def test_reference_call_passes_its_own_checks_and_is_schema_valid():
     for e in build(300):
         if e["expected"]["kind"] == "call":
             assert task.check(e, e["reference"]).passed, e
-            assert verify_tool_call(e, e["reference"]).passed, (e, verify_tool_call(e, e["reference"]))
+            assert tool_call()(e, {"text": e["reference"]}).passed, e
             intended = e["expected"]["calls"][0]["name"]
             assert intended in {t["function"]["name"] for t in e["tools"]}
 
@@ -101,10 +101,16 @@ def test_tool_call_verifier_checks_schema():
     ex = next(e for e in build(100) if e["slice"] == "single_call")
     want = ex["expected"]["calls"][0]
     bad_type = {"name": want["name"], "arguments": {k: ["list"] for k in want["arguments"]}}
-    v = verify_tool_call(ex, "<tool_call>" + json.dumps(bad_type) + "</tool_call>")
+    verify = tool_call()
+    v = verify(ex, {"text": "<tool_call>" + json.dumps(bad_type) + "</tool_call>"})
     assert not v.passed and v.reason.startswith("schema:")
-    v = verify_tool_call(ex, '<tool_call>{"name": "not_offered", "arguments": {}}</tool_call>')
+    v = verify(ex, {"text": '<tool_call>{"name": "not_offered", "arguments": {}}</tool_call>'})
     assert not v.passed and "unknown function" in v.reason
+    no_tool = next(e for e in build(300) if e["slice"] == "no_tool")
+    assert verify(no_tool, {"text": "anything"}).reason == "n/a"
+    assert no_call()(no_tool, {"text": "Octopuses have three hearts."}).passed
+    assert no_call()(no_tool, {"text": "<tool_call>{}</tool_call>"}).reason == "unexpected_call"
+    assert no_call()(ex, {"text": "x"}).reason == "n/a"
 
 
 def test_student_prompt_drops_the_few_shot_context():

@@ -2,16 +2,6 @@
 
 from __future__ import annotations
 
-from stillroom.tasks import Verdict
-
-
-def verify_reference(example: dict, output: str) -> Verdict:
-    """Matches the example's known reference, judged by the example's own task."""
-    from stillroom.plugins import registry
-
-    return registry().get("task", example["task"]).check(example, output)
-
-
 def hf_teacher(cfg):
     """A local transformers model (``default`` or a folder)."""
     from stillroom.teachers import HFTeacher
@@ -31,10 +21,13 @@ def openai_teacher(cfg):
 
 
 def register(registry) -> None:
-    from stillroom.examples.toolcall.task import ToolCallTask, verify_tool_call
+    from stillroom import verifiers
+    from stillroom.examples.toolcall.task import ToolCallTask, no_call, tool_call
 
     registry.add("teacher", "hf", hf_teacher)
     registry.add("teacher", "openai", openai_teacher)
     registry.add("task", "toolcall", ToolCallTask())
-    registry.add("verifier", "tool_call", verify_tool_call)
-    registry.add("verifier", "reference", verify_reference)
+    for name in ("json_schema", "regex", "length", "python", "refusal", "over_refusal", "reference"):
+        registry.add("verifier", name, getattr(verifiers, name))
+    registry.add("verifier", "tool_call", tool_call)
+    registry.add("verifier", "no_call", no_call)

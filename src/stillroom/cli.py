@@ -52,7 +52,7 @@ def validate(config: Path = ConfigArg, overrides: Optional[list[str]] = Override
 
 @app.command()
 def run(config: Path = ConfigArg, overrides: Optional[list[str]] = OverridesArg, force: list[str] = ForceOpt) -> None:
-    """Run every stage (prepare, generate, select, train, eval, report); finished stages are skipped."""
+    """Run every stage (prepare, generate, select, mix, train, eval, report); finished ones are skipped."""
     _run(config, overrides, "report", force)
 
 
@@ -74,6 +74,7 @@ for _stage, _doc in (
     ("prepare", "Build the task's examples and their train/dev/eval splits."),
     ("generate", "Sample teacher candidates for the train and dev prompts."),
     ("select", "Verify candidates and keep those that pass."),
+    ("mix", "Deduplicate, check contamination against eval, weight the layers."),
     ("train", "Train the student on the selected candidates."),
     ("eval", "Evaluate teacher and student on the held-out split."),
     ("report", "Write the run's report.md."),

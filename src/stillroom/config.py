@@ -104,17 +104,49 @@ class StudentConfig(Section):
 
 
 class SelectConfig(Section):
-    verifiers: list[str] = ["tool_call"]  # every candidate must pass all of these to be kept
-    policy: Literal["first_passing", "all_passing"] = "first_passing"  # per example: greedy first
+    # every candidate must pass all of these; an entry is a name or {name: ..., <parameters>}
+    verifiers: list[str | dict[str, Any]] = ["tool_call", "no_call"]
+    policy: Literal["first_passing", "all_passing", "best_of_n", "majority"] = "first_passing"
+    score: str = "seq_logprob"  # best_of_n ranks by `seq_logprob` (teacher) or `verifier:NAME` (its score)
 
     @field_validator("verifiers")
     @classmethod
-    def _registered(cls, v: list[str]) -> list[str]:
-        from stillroom.plugins import registry
+    def _buildable(cls, v: list) -> list:
+        from stillroom import verifiers
 
-        for name in v:
-            registry().get("verifier", name)
+        problems = []
+        for i, entry in enumerate(v):
+            try:
+                verifiers.build(entry)
+            except ValueError as e:
+                problems.append(f"[{i}] {e}")
+        if problems:
+            raise ValueError("; ".join(problems))
         return v
+
+    @model_validator(mode="after")
+    def _score_known(self) -> SelectConfig:
+        from stillroom import verifiers
+
+        names = {verifiers.parse_entry(e)[0] for e in self.verifiers}
+        if self.score != "seq_logprob" and not (self.score.startswith("verifier:") and self.score[9:] in names):
+            raise ValueError(f"score must be `seq_logprob` or `verifier:NAME` with NAME among {sorted(names)}")
+        return self
+
+
+class ContaminationConfig(Section):
+    n: int = Field(2, ge=1)  # word n-grams compared (IDF-weighted containment of the eval text)
+    threshold: float = Field(0.6, gt=0, le=1)  # share of an eval text's weight found in a training text
+    action: Literal["drop", "fail", "keep"] = "drop"  # what to do with contaminated training records
+
+
+class MixtureConfig(Section):
+    sources: list[Literal["teacher", "reference"]] = ["teacher"]  # selected teacher sequences; clean references
+    dedup: Literal["near", "exact", "none"] = "near"  # near includes exact
+    near_threshold: float = Field(0.9, gt=0, le=1)  # MinHash Jaccard over character 5-grams
+    contamination: ContaminationConfig = ContaminationConfig()
+    resample: bool = True  # up/down-sample training records to data.layer_weights
+    size: int | None = Field(None, ge=1)  # training records after resampling (None: as many as kept)
 
 
 class DataConfig(Section):
@@ -125,6 +157,7 @@ class DataConfig(Section):
     dev_fraction: float = Field(0.1, ge=0, lt=1)  # share held out for dev (early stopping, fitting)
     held_out_functions: int = Field(6, ge=0)  # functions that appear only in the eval split
     select: SelectConfig = SelectConfig()
+    mixture: MixtureConfig = MixtureConfig()
 
     @field_validator("task")
     @classmethod
@@ -221,6 +254,11 @@ class PipelineConfig(Section):
         if self.student.pruned_from == "teacher" and self.teacher.backend != "hf":
             raise ValueError("student.pruned_from: teacher needs a local teacher (teacher.backend: hf); "
                              "give student.model instead")  # fmt: skip
+        has_refs = "reference" in self.data.mixture.sources
+        if has_refs != (self.train.reference_weight > 0):
+            raise ValueError("data.mixture.sources includes `reference` exactly when train.reference_weight > 0")
+        if ("teacher" in self.data.mixture.sources) != (self.train.sft_weight > 0):
+            raise ValueError("data.mixture.sources includes `teacher` exactly when train.sft_weight > 0")
         if self.signals.score_references and self.teacher.backend != "hf":
             raise ValueError("signals.score_references needs a local teacher (teacher.backend: hf)")
         return self

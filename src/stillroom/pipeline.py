@@ -1,6 +1,6 @@
 """The stage graph and the loop that runs it with caching.
 
-prepare -> generate -> select -> train -> eval -> report. Each stage is a plain function
+prepare -> generate -> select -> mix -> train -> eval -> report. Each stage is a plain function
 ``run(ctx)`` in ``stillroom.stages``; this module decides which ones to run: a stage is skipped when
 its manifest is complete, its key matches and its files are intact; ``force`` redoes a stage and
 everything downstream of it.
@@ -24,19 +24,20 @@ console = Console(stderr=True)
 
 def _stages() -> list[Stage]:
     # imported lazily: stage modules pull in torch, the config path must not
-    from stillroom.stages import evaluate, generate, prepare, report, select, train
+    from stillroom.stages import evaluate, generate, mix, prepare, report, select, train
 
     return [
         Stage("prepare", prepare.run, (), ("run.seed", "data"), "build the task's examples and fixed splits"),
         Stage("generate", generate.run, ("prepare",), ("run.seed", "teacher", "signals"), "sample teacher candidates"),
         Stage("select", select.run, ("prepare", "generate"), ("data.select",), "verify candidates, keep the good"),
-        Stage("train", train.run, ("prepare", "select"), ("run.seed", "teacher", "student", "train"), "train the student"),
+        Stage("mix", mix.run, ("prepare", "select"), ("run.seed", "data.layer_weights", "data.mixture"), "dedup, decontaminate, weight the mixture"),
+        Stage("train", train.run, ("prepare", "mix"), ("run.seed", "teacher", "student", "train"), "train the student"),
         Stage("eval", evaluate.run, ("prepare", "train"), ("teacher", "eval", "targets"), "measure teacher and student"),
-        Stage("report", report.run, ("prepare", "select", "train", "eval"), ("targets",), "write the run report"),
+        Stage("report", report.run, ("prepare", "select", "mix", "train", "eval"), ("targets",), "write the run report"),
     ]
 
 
-STAGE_NAMES = ("prepare", "generate", "select", "train", "eval", "report")
+STAGE_NAMES = ("prepare", "generate", "select", "mix", "train", "eval", "report")
 
 
 def run_dir(cfg: PipelineConfig) -> Path:

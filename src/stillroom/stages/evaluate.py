@@ -32,7 +32,7 @@ def percentile(values: list[float], q: float) -> float:
 def evaluate_model(label, endpoint, messages_of, examples, ecfg, task, price_per_hour) -> tuple[dict, list[dict]]:
     """``endpoint``: a Teacher (``complete``); timing goes through ``timed_request`` for local models
     (cold: the whole prompt processed) and through ``complete`` for remote ones (HTTP included)."""
-    fmt = registry().get("verifier", "tool_call")
+    formats = [registry().get("verifier", name)() for name in ("tool_call", "no_call")]
     greedy = Sampling(ecfg.max_new_tokens)
     outputs, new_tokens = [], 0
     with bar() as progress:
@@ -42,9 +42,10 @@ def evaluate_model(label, endpoint, messages_of, examples, ecfg, task, price_per
             batch = examples[i : i + ecfg.batch_size]
             convs = [messages_of(e) for e in batch]
             for e, g in zip(batch, endpoint.complete(convs, greedy, [0] * len(batch), 0)):
-                ok, valid = task.check(e, g.text), fmt(e, g.text)
+                ok = task.check(e, g.text)
+                valid = all(f(e, {"text": g.text, "token_ids": g.token_ids}).passed for f in formats)
                 outputs.append({"model": label, "example_id": e["id"], "layer": e["layer"], "slice": e["slice"],
-                                "output": g.text, "success": ok.passed, "reason": ok.reason, "format_valid": valid.passed,
+                                "output": g.text, "success": ok.passed, "reason": ok.reason, "format_valid": valid,
                                 "prompt_tokens": g.prompt_tokens})  # fmt: skip
                 new_tokens += len(g.token_ids)
             advance(progress, job, len(batch))

@@ -16,7 +16,7 @@ def _millions(x) -> str:
     return "remote" if x is None else f"{x / 1e6:.1f}M"
 
 
-def render(cfg, results: dict, card: dict, manifests: dict) -> str:
+def render(cfg, results: dict, card: dict, mix_card: dict, manifests: dict) -> str:
     models = results["models"]
     t, s = models["teacher"], models["student"]
     lines = [
@@ -43,14 +43,24 @@ def render(cfg, results: dict, card: dict, manifests: dict) -> str:
     lines += ["", "## Failure reasons", "", "| reason | teacher | student |", "|---|---|---|"]
     for reason in sorted(set(t["failure_reasons"]) | set(s["failure_reasons"])):
         lines.append(f"| {reason} | {t['failure_reasons'].get(reason, 0)} | {s['failure_reasons'].get(reason, 0)} |")
-    lines += ["", "## Data card (selection)", "", f"Verifiers: {', '.join(card['verifiers'])}; policy `{card['policy']}`.", "",
-              "| layer | examples | candidates | passing | examples kept | rejections |", "|---|---|---|---|---|---|"]
+    lines += ["", "## Data card", "", f"Selection: verifiers {', '.join(card['verifiers'])}; policy `{card['policy']}`.", "",
+              "| layer | examples | candidates | passing | kept | rejections (verifier: reason x count) | reference rejections |",
+              "|---|---|---|---|---|---|---|"]
     for layer, c in card["per_layer"].items():
         rej = "; ".join(f"{k} x{n}" for k, n in c["rejections"].items()) or "none"
-        lines.append(f"| {layer} | {c['examples']} | {c['candidates']} | {c['passing_candidates']} | {c['examples_with_a_selection']} | {rej} |")
+        ref = "; ".join(f"{k} x{n}" for k, n in c["reference_rejections"].items()) or "-"
+        lines.append(f"| {layer} | {c['examples']} | {c['candidates']} | {c['passing_candidates']} | {c['selected']} | {rej} | {ref} |")
+    steps = mix_card["steps"]
+    layers = sorted({k for st in steps.values() for k in st["per_layer"]})
+    lines += ["", f"Mixture (records per layer after each step; {mix_card['duplicates']['exact']} exact and "
+              f"{mix_card['duplicates']['near']} near duplicates, {mix_card['contamination']['records_flagged']} records "
+              f"overlapping the eval split, action `{mix_card['contamination']['action']}`):", "",
+              "| step | total | " + " | ".join(layers) + " |", "|---|---|" + "---|" * len(layers)]  # fmt: skip
+    for name, st in steps.items():
+        lines.append(f"| {name} | {st['total']} | " + " | ".join(str(st["per_layer"].get(k, 0)) for k in layers) + " |")
     tr = manifests["train"]["counts"]
     lines += ["", "## Training", "",
-              f"{tr['steps']} steps on {tr['train_examples']} examples, final train loss {tr['final_train_loss']}, "
+              f"{tr['steps']} steps on {tr['train_examples']} records ({json.dumps(tr['records_by_source'])}), final train loss {tr['final_train_loss']}, "
               f"dev loss {tr['final_dev_loss']}, {tr['tokens_per_s']} tokens/s. Student origin: "
               f"{json.dumps({k: tr[k] for k in ('pruned_from', 'layers', 'from') if k in tr})}.", "",
               "## Stage timings", "", "| stage | seconds |", "|---|---|"]
@@ -63,8 +73,9 @@ def render(cfg, results: dict, card: dict, manifests: dict) -> str:
 def run(ctx: StageContext) -> None:
     results = json.loads((ctx.inputs["eval"] / "results.json").read_text())
     card = json.loads((ctx.inputs["select"] / "card.json").read_text())
+    mix_card = json.loads((ctx.inputs["mix"] / "card.json").read_text())
     manifests = {name: read_manifest(path) for name, path in ctx.inputs.items()}
-    text = render(ctx.cfg, results, card, manifests)
+    text = render(ctx.cfg, results, card, mix_card, manifests)
     atomic.write_text(ctx.dir / "report.md", text)
     atomic.write_text(ctx.dir.parent / "report.md", text)
     ctx.counts["bytes"] = len(text.encode())

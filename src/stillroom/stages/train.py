@@ -11,6 +11,7 @@ each epoch, 4) save a standard Hugging Face folder.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import random
@@ -100,25 +101,21 @@ def run(ctx: StageContext) -> None:
     model.config.attention_dropout = t.dropout
     ctx.timings["build_student_s"] = round(time.time() - t0, 3)
 
-    # 2) data: selected teacher completions behind the student's (context-free) prompt
+    # 2) data: the mixture's records (selected teacher sequences, clean references) behind the
+    #    student's context-free prompt, each weighted by its source
     examples = {e["id"]: e for s in ("train", "dev") for e in read_split(ctx.inputs["prepare"], s)}
-    with open(ctx.inputs["select"] / "selected.jsonl") as f:
-        selected = [json.loads(line) for line in f]
+    with open(ctx.inputs["mix"] / "mixture.jsonl") as f:
+        mixture = [json.loads(line) for line in f]
+    weight = {"teacher": t.sft_weight, "reference": t.reference_weight}
     rows = {"train": [], "dev": []}
-    for r in selected:
+    for r in mixture:
         prompt = generation.render(tokenizer, task.student_messages(examples[r["example_id"]]))
-        rows[r["split"]].append(encode(tokenizer, prompt, r["text"], t.max_length, t.sft_weight))
-    ctx.counts["teacher_sequences"] = {k: len(v) for k, v in rows.items()}
-    if t.reference_weight > 0:  # clean targets, where the example has one
-        for split in rows:
-            for e in read_split(ctx.inputs["prepare"], split):
-                if e.get("reference"):
-                    prompt = generation.render(tokenizer, task.student_messages(e))
-                    rows[split].append(encode(tokenizer, prompt, e["reference"], t.max_length, t.reference_weight))
+        rows[r["split"]].append(encode(tokenizer, prompt, r["text"], t.max_length, weight[r["source"]]))
+    ctx.counts["records_by_source"] = dict(collections.Counter(f"{r['split']}/{r['source']}" for r in mixture))
     if not rows["train"]:
         raise RuntimeError(
-            "no training examples: nothing the teacher produced passed the verifiers "
-            "(see select/card.json), and train.reference_weight is 0"
+            "no training records: nothing the teacher produced passed the verifiers (see select/card.json) "
+            "and the mixture has no other source (see mix/card.json)"
         )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -168,7 +165,6 @@ def run(ctx: StageContext) -> None:
     atomic.write_jsonl(ctx.dir / "log.jsonl", log)
     ctx.timings["train_s"] = round(time.time() - started, 3)
     ctx.counts.update(
-        references={k: len(v) - ctx.counts["teacher_sequences"][k] for k, v in rows.items()},
         train_examples=len(rows["train"]), dev_examples=len(rows["dev"]), steps=step,
         final_train_loss=log[-2]["loss"] if len(log) > 1 else None, final_dev_loss=log[-1]["dev_loss"],
         tokens_per_s=round(seen_tokens / (time.time() - started), 1), params=models.n_params(model), **origin,

@@ -312,17 +312,34 @@ class ToolCallTask:
         return Verdict(True, "ok", 1.0)
 
 
-def verify_tool_call(example: dict, output: str) -> Verdict:
-    """Format check: a call where one is expected is well-formed and valid for the offered tools'
-    schemas (names, types, required arguments); where none is expected, no call is made."""
-    parsed = toolcalls.parse(output)
-    if example["expected"]["kind"] != "call":
-        return Verdict(not parsed.has_call_attempt, "ok" if not parsed.has_call_attempt else "unexpected_call", 1.0)
-    if parsed.errors:
-        return Verdict(False, "malformed_call: " + parsed.errors[0])
-    if not parsed.calls:
-        return Verdict(False, "no_call_made")
-    problems = [p for c in parsed.calls for p in toolcalls.schema_problems(c, example["tools"])]
-    if problems:
-        return Verdict(False, "schema: " + problems[0])
-    return Verdict(True, "ok", 1.0)
+def tool_call():
+    """Verifier: where the example expects a call, the output is a well-formed call of offered tools,
+    valid for their schemas (names, types, required arguments). Not applicable elsewhere."""
+
+    def verify(example: dict, candidate: dict) -> Verdict:
+        if example["expected"]["kind"] != "call":
+            return Verdict(True, "n/a", 1.0)
+        parsed = toolcalls.parse(candidate["text"])
+        if parsed.errors:
+            return Verdict(False, "malformed_call: " + parsed.errors[0])
+        if not parsed.calls:
+            return Verdict(False, "no_call_made")
+        problems = [p for c in parsed.calls for p in toolcalls.schema_problems(c, example["tools"])]
+        if problems:
+            return Verdict(False, "schema: " + problems[0])
+        return Verdict(True, "ok", 1.0)
+
+    return verify
+
+
+def no_call():
+    """Verifier: where the example must not call a tool (no tool fits, an argument is missing, or it
+    must be declined), the output makes no call. Not applicable elsewhere."""
+
+    def verify(example: dict, candidate: dict) -> Verdict:
+        if example["expected"]["kind"] == "call":
+            return Verdict(True, "n/a", 1.0)
+        attempted = toolcalls.parse(candidate["text"]).has_call_attempt
+        return Verdict(not attempted, "unexpected_call" if attempted else "ok", float(not attempted))
+
+    return verify

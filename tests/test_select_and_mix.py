@@ -1,0 +1,77 @@
+import random
+
+from stillroom import contamination, dedup
+from stillroom.examples.toolcall.task import ToolCallTask
+from stillroom.stages.mix import resample
+from stillroom.stages.prepare import split_of
+from stillroom.stages.select import choose
+
+
+def cand(i, text, lp=None, score=1.0):
+    return {"candidate": i, "text": text, "seq_logprob": lp, "scores": {"reference": score}}
+
+
+def test_selection_policies_and_deterministic_ties():
+    cs = [cand(2, "B", -1.0, 0.5), cand(0, "A", -3.0, 0.9), cand(1, "b!", -1.0, 0.9), cand(3, "A", -9.0, 0.1)]
+    assert [c["candidate"] for c in choose(cs, "first_passing", "seq_logprob")] == [0]
+    assert [c["candidate"] for c in choose(cs, "all_passing", "seq_logprob")] == [0, 1, 2, 3]
+    assert [c["candidate"] for c in choose(cs, "best_of_n", "seq_logprob")] == [1]  # tie -1.0: lower index
+    assert [c["candidate"] for c in choose(cs, "best_of_n", "verifier:reference")] == [0]
+    # majority over normalized outputs: {"a": [0, 3], "b": [1, 2]} tie -> the group holding candidate 0
+    assert [c["candidate"] for c in choose(cs, "majority", "seq_logprob")] == [0]
+    assert [c["candidate"] for c in choose(cs + [cand(4, "b")], "majority", "seq_logprob")] == [1]
+
+
+def edit(rng: random.Random, text: str) -> str:
+    """Light edits: two of case, punctuation, a greeting, a sign-off, a dropped word, an added word."""
+    words = text.split()
+    for op in rng.sample(["case", "punct", "prefix", "suffix", "drop", "insert"], 2):
+        if op == "case":
+            words = [w.lower() if rng.random() < 0.5 else w.upper() for w in words]
+        elif op == "punct":
+            words = [w.strip("?.!,") for w in words]
+            words[-1] += "!!"
+        elif op == "prefix":
+            words = ["Hey", "assistant,"] + words
+        elif op == "suffix":
+            words += ["Thanks", "in", "advance."]
+        elif op == "drop" and len(words) > 4:
+            del words[rng.randrange(1, len(words) - 1)]
+        elif op == "insert":
+            words.insert(rng.randrange(1, len(words)), "please")
+    return " ".join(words)
+
+
+def test_contamination_finds_planted_eval_prompts():
+    examples = ToolCallTask().build_examples(400, {"core": 0.5, "failure": 0.25, "long_tail": 0.25}, 0, 6)
+    split = {e["id"]: e.get("pinned_split") or split_of(e["id"], 0.2, 0.1) for e in examples}
+    evals = [e for e in examples if split[e["id"]] == "eval"]
+    train = [(e["id"], e["request"]) for e in examples if split[e["id"]] == "train"]
+    rng = random.Random(0)
+    planted = evals[:40]
+    train += [(f"verbatim-{e['id']}", e["request"]) for e in planted]
+    train += [(f"edited-{e['id']}", edit(rng, e["request"])) for e in planted]
+    hits = contamination.find(train, [(e["id"], e["request"]) for e in evals], field="prompt", n=2, threshold=0.6)
+    found = {h.train_id: h.eval_id for h in hits}
+    assert all(found.get(f"verbatim-{e['id']}") == e["id"] for e in planted)
+    edited_found = sum(f"edited-{e['id']}" in found for e in planted)
+    assert edited_found >= 0.9 * len(planted), edited_found
+
+
+def test_dedup_exact_and_near():
+    items = [("a", "Set a timer for 5 minutes."), ("b", "set a TIMER for 5 minutes"), ("c", "Book a table for four at Chez Lou tonight, please."),
+             ("d", "Book a table for four at Chez Lou tonight please!"), ("e", "What is the weather in Oslo?")]  # fmt: skip
+    assert dedup.exact_duplicates(items) == {"b": "a", "d": "c"}
+    near = dedup.near_duplicates([items[0], items[2], ("x", "Book a table for four at Chez Lou tonight, pls."), items[4]], threshold=0.7)
+    assert near == {"x": "c"}
+
+
+def test_resample_to_layer_weights():
+    recs = [{"id": f"c{i}", "layer": "core"} for i in range(30)] + [{"id": f"f{i}", "layer": "failure"} for i in range(5)]
+    out, notes = resample(recs, {"core": 0.5, "failure": 0.5, "long_tail": 0.0}, 20, random.Random(0))
+    layers = [r["layer"] for r in out]
+    assert layers.count("core") == 10 and layers.count("failure") == 10
+    assert {r["id"] for r in out if r["layer"] == "failure"} == {f"f{i}" for i in range(5)}  # every one, then repeats
+    assert notes["failure"] == {"available": 5, "target": 10}
+    again, _ = resample(recs, {"core": 0.5, "failure": 0.5}, 20, random.Random(0))
+    assert again == out
