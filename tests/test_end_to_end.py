@@ -59,6 +59,19 @@ def test_run_skip_force_and_a_loadable_student(config, tmp_path):
         assert manifest(run, stage)["status"] == "complete"
     report = (run / "report.md").read_text()
     assert "| teacher |" in report and "| student |" in report and "## Per layer" in report
+    assert "## Data card" in report and "after_contamination" in report
+
+    # nothing selected fails the tool-call verifier, re-checked from the stored files
+    from stillroom.examples.toolcall.task import no_call, tool_call
+
+    examples = {json.loads(x)["id"]: json.loads(x) for s in ("train", "dev") for x in (run / "prepare" / f"{s}.jsonl").open()}
+    selected = [json.loads(x) for x in (run / "select" / "selected.jsonl").open()]
+    assert selected
+    for r in selected:
+        assert tool_call()(examples[r["example_id"]], {"text": r["text"]}).passed
+        assert no_call()(examples[r["example_id"]], {"text": r["text"]}).passed
+    card = json.loads((run / "select" / "card.json").read_text())
+    assert sum(sum(c["rejections"].values()) for c in card["per_layer"].values()) > 0
     results = json.loads((run / "eval" / "results.json").read_text())["models"]
     assert results["student"]["params"] < results["teacher"]["params"]
     assert results["teacher"]["mean_prompt_tokens"] > results["student"]["mean_prompt_tokens"]  # the context

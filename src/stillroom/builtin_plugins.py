@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 def hf_teacher(cfg):
     """A local transformers model (``default`` or a folder)."""
     from stillroom.teachers import HFTeacher

@@ -17,6 +17,7 @@ from stillroom.rundir import StageContext
 from stillroom.stages.prepare import read_split
 
 EXAMPLES_IN_CARD = 5
+STEPS = ("sources", "after_exact_dedup", "after_near_dedup", "after_contamination", "train_after_resample", "dev")
 
 
 def counts(records: list[dict]) -> dict:

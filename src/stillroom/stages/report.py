@@ -6,6 +6,7 @@ import json
 
 from stillroom import atomic
 from stillroom.rundir import StageContext, read_manifest
+from stillroom.stages.mix import STEPS
 
 
 def _pct(x) -> str:
@@ -50,7 +51,12 @@ def render(cfg, results: dict, card: dict, mix_card: dict, manifests: dict) -> s
         rej = "; ".join(f"{k} x{n}" for k, n in c["rejections"].items()) or "none"
         ref = "; ".join(f"{k} x{n}" for k, n in c["reference_rejections"].items()) or "-"
         lines.append(f"| {layer} | {c['examples']} | {c['candidates']} | {c['passing_candidates']} | {c['selected']} | {rej} | {ref} |")
-    steps = mix_card["steps"]
+    if card["reason_examples"]:
+        lines += ["", "Rejected outputs, one per reason:", ""]
+        for reason, exs in card["reason_examples"].items():
+            out = exs[0]["output"].replace("`", "'").replace("|", "\\|").replace("\n", " ")[:120]
+            lines.append(f"- `{reason}` ({exs[0]['example_id']}): `{out}`")
+    steps = {name: mix_card["steps"][name] for name in STEPS if name in mix_card["steps"]}
     layers = sorted({k for st in steps.values() for k in st["per_layer"]})
     lines += ["", f"Mixture (records per layer after each step; {mix_card['duplicates']['exact']} exact and "
               f"{mix_card['duplicates']['near']} near duplicates, {mix_card['contamination']['records_flagged']} records "
@@ -74,7 +80,8 @@ def run(ctx: StageContext) -> None:
     results = json.loads((ctx.inputs["eval"] / "results.json").read_text())
     card = json.loads((ctx.inputs["select"] / "card.json").read_text())
     mix_card = json.loads((ctx.inputs["mix"] / "card.json").read_text())
-    manifests = {name: read_manifest(path) for name, path in ctx.inputs.items()}
+    stage_dirs = sorted((p for p in ctx.dir.parent.iterdir() if p.is_dir() and p != ctx.dir), key=lambda p: p.stat().st_mtime)
+    manifests = {p.name: m for p in stage_dirs if (m := read_manifest(p)) and m.get("status") == "complete"}
     text = render(ctx.cfg, results, card, mix_card, manifests)
     atomic.write_text(ctx.dir / "report.md", text)
     atomic.write_text(ctx.dir.parent / "report.md", text)
