@@ -28,6 +28,14 @@ def _existing_path(value: str, info: ValidationInfo, what: str) -> str:
     return str(path.resolve())
 
 
+def _registered(kind: str, name: str) -> str:
+    """``name`` if a plugin registered it under ``kind``; the error lists the registered names."""
+    from stillroom.plugins import registry
+
+    registry().get(kind, name)
+    return name
+
+
 class RunConfig(Section):
     name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")  # folder name under `dir`
     dir: str = "runs"  # parent folder of run directories, relative to the working directory
@@ -57,10 +65,7 @@ class TeacherConfig(Section):
     @field_validator("backend")
     @classmethod
     def _backend_registered(cls, v: str) -> str:
-        from stillroom.plugins import registry
-
-        registry().get("teacher", v)
-        return v
+        return _registered("teacher", v)
 
     @field_validator("model")
     @classmethod
@@ -162,10 +167,7 @@ class DataConfig(Section):
     @field_validator("task")
     @classmethod
     def _task_registered(cls, v: str) -> str:
-        from stillroom.plugins import registry
-
-        registry().get("task", v)
-        return v
+        return _registered("task", v)
 
     @field_validator("layer_weights")
     @classmethod

@@ -1,8 +1,11 @@
 """The Task and Verifier seams, and the Verdict they return.
 
 A task (registered under kind ``task``) makes examples and prompts and judges outputs; a verifier
-(kind ``verifier``) is a plain function ``verify(example, output) -> Verdict``. Examples are plain
-dicts (JSON lines) with at least ``id``, ``task``, ``layer`` and ``slice``.
+(kind ``verifier``) is a factory whose parameters come from the config and which returns a plain
+function ``verify(example, candidate) -> Verdict`` (``candidate``: ``text`` and, where known,
+``token_ids``). Examples are plain dicts (JSON lines) with at least ``id``, ``task``, ``layer``,
+``slice`` and ``expected`` (whose ``kind`` says what a right answer is: ``call``, ``no_call``,
+``ask``, ``refuse``).
 """
 
 from __future__ import annotations
@@ -36,4 +39,4 @@ class Task(Protocol):
 
 
 class Verifier(Protocol):
-    def __call__(self, example: dict, output: str) -> Verdict: ...
+    def __call__(self, example: dict, candidate: dict) -> Verdict: ...
