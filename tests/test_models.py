@@ -35,3 +35,13 @@ def test_default_teacher_loads_from_the_installed_gguf_and_is_cached():
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], add_generation_prompt=True, return_dict=True, return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
     assert "4" in tokenizer.decode(out[0, ids["input_ids"].shape[1] :])
+
+
+def test_set_dropout_reaches_every_attention_module(tiny_model_dir):
+    from stillroom.stages.train import set_dropout
+
+    model, _ = models.load(str(tiny_model_dir))
+    set_dropout(model, 0.25)
+    attention = [m for m in model.modules() if hasattr(m, "attention_dropout")]
+    assert len(attention) == model.config.num_hidden_layers
+    assert all(m.attention_dropout == 0.25 for m in attention) and model.config.attention_dropout == 0.25

@@ -77,6 +77,14 @@ def dev_loss(model, rows, batch_size: int, pad_id: int) -> float | None:
     return total / max(count, 1)
 
 
+def set_dropout(model, p: float) -> None:
+    """Attention dropout while training; modules copy the config value at build time, so set both."""
+    model.config.attention_dropout = p
+    for module in model.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = p
+
+
 def build_student(cfg):
     """1) The student: pruned from the teacher's layers, or loaded from a folder."""
     s = cfg.student
@@ -98,7 +106,7 @@ def run(ctx: StageContext) -> None:
     # 1) student
     t0 = time.time()
     model, tokenizer, origin = build_student(cfg)
-    model.config.attention_dropout = t.dropout
+    set_dropout(model, t.dropout)
     ctx.timings["build_student_s"] = round(time.time() - t0, 3)
 
     # 2) data: the mixture's records (selected teacher sequences, clean references) behind the
