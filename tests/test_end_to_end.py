@@ -26,7 +26,7 @@ def config(tmp_path, tiny_model_dir) -> Path:
         # are the ones whose candidates pass the tool-call verifier: weight the mixture towards them
         "data": {"n_examples": 40, "layer_weights": {"core": 0.3, "failure": 0.7}, "held_out_functions": 2},
         "signals": {"n": 2, "max_new_tokens": 24, "batch_size": 4, "shard_size": 2, "top_k": 8, "score_references": True},
-        "train": {"epochs": 1, "batch_size": 4, "max_length": 256},
+        "train": {"epochs": 1, "batch_size": 4, "max_length": 256, "kd_weight": 0.5},
         "eval": {"max_examples": 6, "max_new_tokens": 12, "latency_requests": 2},
     }
     path = tmp_path / "cfg.yaml"

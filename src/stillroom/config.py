@@ -212,14 +212,13 @@ class TrainConfig(Section):
     dropout: float = Field(0.0, ge=0, lt=1)  # attention dropout in the student while training
     sft_weight: float = Field(1.0, ge=0)  # weight of cross-entropy on selected teacher sequences
     reference_weight: float = Field(0.0, ge=0)  # weight of cross-entropy on clean references, where known
-    kd_weight: float = Field(0.0, ge=0)  # weight of KD on teacher probabilities (needs top-k signals)
+    kd_weight: float = Field(0.0, ge=0)  # weight of forward KL to the stored teacher top-k (teacher sequences)
+    kd_temperature: float = Field(1.0, gt=0)  # softens both distributions; the loss is scaled by T^2
 
     @model_validator(mode="after")
     def _some_loss(self) -> TrainConfig:
         if self.sft_weight + self.reference_weight + self.kd_weight <= 0:
             raise ValueError("sft_weight + reference_weight + kd_weight must be positive")
-        if self.kd_weight > 0:
-            raise ValueError("kd_weight > 0 needs top-k teacher signals, not available yet; set 0")
         return self
 
 
@@ -256,11 +255,13 @@ class PipelineConfig(Section):
         if self.student.pruned_from == "teacher" and self.teacher.backend != "hf":
             raise ValueError("student.pruned_from: teacher needs a local teacher (teacher.backend: hf); "
                              "give student.model instead")  # fmt: skip
+        if self.train.kd_weight > 0 and (self.signals.top_k == 0 or "teacher" not in self.data.mixture.sources):
+            raise ValueError("train.kd_weight > 0 needs signals.top_k > 0 and `teacher` in data.mixture.sources")
         has_refs = "reference" in self.data.mixture.sources
         if has_refs != (self.train.reference_weight > 0):
             raise ValueError("data.mixture.sources includes `reference` exactly when train.reference_weight > 0")
-        if ("teacher" in self.data.mixture.sources) != (self.train.sft_weight > 0):
-            raise ValueError("data.mixture.sources includes `teacher` exactly when train.sft_weight > 0")
+        if ("teacher" in self.data.mixture.sources) != (self.train.sft_weight + self.train.kd_weight > 0):
+            raise ValueError("data.mixture.sources includes `teacher` exactly when train.sft_weight or train.kd_weight > 0")
         if self.signals.score_references and self.teacher.backend != "hf":
             raise ValueError("signals.score_references needs a local teacher (teacher.backend: hf)")
         return self

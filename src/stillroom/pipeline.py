@@ -31,7 +31,7 @@ def _stages() -> list[Stage]:
         Stage("generate", generate.run, ("prepare",), ("run.seed", "teacher", "signals"), "sample teacher candidates"),
         Stage("select", select.run, ("prepare", "generate"), ("data.select",), "verify candidates, keep the good"),
         Stage("mix", mix.run, ("prepare", "select"), ("run.seed", "data.layer_weights", "data.mixture"), "dedup, decontaminate, weight the mixture"),
-        Stage("train", train.run, ("prepare", "mix"), ("run.seed", "teacher", "student", "train"), "train the student"),
+        Stage("train", train.run, ("prepare", "generate", "mix"), ("run.seed", "teacher", "student", "train"), "train the student"),
         Stage("eval", evaluate.run, ("prepare", "train"), ("teacher", "eval", "targets"), "measure teacher and student"),
         Stage("report", report.run, ("prepare", "select", "mix", "train", "eval"), ("targets",), "write the run report"),
     ]

@@ -57,7 +57,8 @@ def run(ctx: StageContext) -> None:
     # 1) sources: selected teacher sequences and clean references
     sources = set(m.sources)
     records = [] if "teacher" not in sources else [{"id": f"{s['example_id']}#t{s['candidate']}", "example_id": s["example_id"], "split": s["split"],
-                "layer": s["layer"], "slice": s["slice"], "source": "teacher", "text": s["text"]} for s in selected]  # fmt: skip
+                "layer": s["layer"], "slice": s["slice"], "source": "teacher", "candidate": s["candidate"], "text": s["text"]}
+               for s in selected]  # fmt: skip
     records += [{"id": f"{e['id']}#ref", "example_id": e["id"], "split": e["split"], "layer": e["layer"],
                  "slice": e["slice"], "source": "reference", "text": e["reference"]}
                 for e in examples.values() if e.get("reference") and "reference" in sources]  # fmt: skip
