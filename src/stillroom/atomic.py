@@ -52,6 +52,12 @@ def write_json(target: str | Path, obj) -> None:
     write_text(target, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The counterpart of ``write_jsonl``."""
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
 def write_jsonl(target: str | Path, records) -> int:
     lines = [json.dumps(r, sort_keys=True, ensure_ascii=False) for r in records]
     write_text(target, "".join(line + "\n" for line in lines))

@@ -18,7 +18,14 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    DynamicCache,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
 
 
 @dataclass(frozen=True)
@@ -120,8 +127,6 @@ def generate(
     position, and the log-prob of each emitted token, during generation (no second pass).
     ``prefix_cache``: reuse the KV cache of whole chat turns every prompt starts with.
     """
-    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
-
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     eot = end_of_turn_id(tokenizer)
@@ -138,8 +143,9 @@ def generate(
     ids = torch.full((len(rows), cut + width), tokenizer.pad_token_id)
     mask = torch.zeros_like(ids)
     for i, r in enumerate(rows):
+        start = cut + width - (len(r) - cut)  # the row's own suffix, left-padded after the prefix
         ids[i, :cut], mask[i, :cut] = torch.tensor(r[:cut], dtype=torch.long), 1
-        ids[i, cut + width - (len(r) - cut) :], mask[i, cut + width - (len(r) - cut) :] = torch.tensor(r[cut:], dtype=torch.long), 1
+        ids[i, start:], mask[i, start:] = torch.tensor(r[cut:], dtype=torch.long), 1
     ids, mask = ids.to(model.device), mask.to(model.device)
     processors = LogitsProcessorList()
     if sample:

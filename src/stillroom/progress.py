@@ -26,6 +26,6 @@ def add(progress: Progress, description: str, total: int, unit: str):
 
 def advance(progress: Progress, task, n: float = 1, info: str = "") -> None:
     progress.advance(task, n)
-    t = progress.tasks[[x.id for x in progress.tasks].index(task)]
+    t = next(x for x in progress.tasks if x.id == task)
     speed = t.speed
     progress.update(task, rate=f"{speed:.2f} {t.fields['unit']}/s" if speed else f"- {t.fields['unit']}/s", info=info)

@@ -112,7 +112,7 @@ class OpenAITeacher:
                 raise TeacherError(f"{url} failed after {attempt + 1} attempts, last: {problem}")
             self.retries += 1
             time.sleep(self.backoff_s * 2**attempt)
-        raise AssertionError("unreachable")
+        raise TeacherError(f"{url}: max_retries must be >= 0")
 
     def _token_id(self, token: str) -> int:
         if token.startswith("token_id:"):

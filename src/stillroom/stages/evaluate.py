@@ -33,6 +33,7 @@ def evaluate_model(label, endpoint, messages_of, examples, ecfg, task, price_per
     """``endpoint``: a Teacher (``complete``); timing goes through ``timed_request`` for local models
     (cold: the whole prompt processed) and through ``complete`` for remote ones (HTTP included)."""
     formats = [registry().get("verifier", name)() for name in ("tool_call", "no_call")]
+    local = getattr(endpoint, "model", None)  # a local model: timed cold, and its size is known
     greedy = Sampling(ecfg.max_new_tokens)
     outputs, new_tokens = [], 0
     with bar() as progress:
@@ -54,8 +55,8 @@ def evaluate_model(label, endpoint, messages_of, examples, ecfg, task, price_per
     with bar() as progress:
         job = add(progress, f"latency {label}", min(ecfg.latency_requests, len(examples)), "req")
         for e in examples[: ecfg.latency_requests]:
-            if hasattr(endpoint, "model"):  # local: cold request, no prefix cache
-                seconds, _ = generation.timed_request(endpoint.model, endpoint.tokenizer, messages_of(e), ecfg.max_new_tokens, toolcalls.parse)
+            if local is not None:  # cold request: no prefix cache, the whole prompt processed
+                seconds, _ = generation.timed_request(local, endpoint.tokenizer, messages_of(e), ecfg.max_new_tokens, toolcalls.parse)
             else:
                 t1 = time.perf_counter()
                 toolcalls.parse(endpoint.complete([messages_of(e)], greedy, [0], 0)[0].text)
@@ -82,8 +83,8 @@ def evaluate_model(label, endpoint, messages_of, examples, ecfg, task, price_per
         "latency_requests": len(latencies),
         "batch_tokens_per_s": round(new_tokens / batch_s, 2),
         "cost_per_1k_requests": round(p50 * 1000 / 3600 * price_per_hour, 5),
-        "params": models.n_params(endpoint.model) if hasattr(endpoint, "model") else None,
-        "weight_mb": round(models.weight_bytes(endpoint.model) / 2**20, 1) if hasattr(endpoint, "model") else None,
+        "params": models.n_params(local) if local is not None else None,
+        "weight_mb": round(models.weight_bytes(local) / 2**20, 1) if local is not None else None,
         "failure_reasons": dict(collections.Counter(r["reason"] for r in outputs if not r["success"]).most_common()),
     }
     return metrics, outputs

@@ -42,12 +42,13 @@ from stillroom import atomic
 from stillroom.plugins import registry
 from stillroom.progress import add, advance, bar
 from stillroom.rundir import StageContext, sha256_json
-from stillroom.stages.prepare import read_split
+from stillroom.stages.prepare import read_examples
 from stillroom.teachers import Sampling
 
 
-def schema(vocab_size: int) -> pa.Schema:
-    id_type = pa.uint16() if vocab_size <= 65536 else pa.int32()
+def schema(vocab_size: int | None) -> pa.Schema:
+    """The store schema; token ids are uint16 when the vocabulary is known to fit, else int32."""
+    id_type = pa.uint16() if vocab_size is not None and vocab_size <= 65536 else pa.int32()
     return pa.schema(
     [
         ("example_id", pa.string()),
@@ -93,7 +94,7 @@ def read_candidates(generate_dir: Path, columns: list[str] | None = None, batch_
 def run(ctx: StageContext) -> None:
     cfg, s = ctx.cfg, ctx.cfg.signals
     task = registry().get("task", cfg.data.task)
-    examples = read_split(ctx.inputs["prepare"], "train") + read_split(ctx.inputs["prepare"], "dev")
+    examples = list(read_examples(ctx.inputs["prepare"]).values())
     shards = [examples[i : i + s.shard_size] for i in range(0, len(examples), s.shard_size)]
     scratch = ctx.dir / f".partial-{ctx.key[:16]}"
     for stale in ctx.dir.glob(".partial-*"):
@@ -106,7 +107,7 @@ def run(ctx: StageContext) -> None:
     t0 = time.time()
     teacher = registry().get("teacher", cfg.teacher.backend)(cfg.teacher)
     ctx.timings["load_teacher_s"] = round(time.time() - t0, 3)
-    store_schema = schema(getattr(teacher, "vocab_size", None) or 2**31)
+    store_schema = schema(teacher.vocab_size)
     new_tokens, started = 0, time.time()
     with bar() as progress:
         job = add(progress, "teacher candidates", sum(len(shards[i]) for i in todo) * s.n, "cand")

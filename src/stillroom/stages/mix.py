@@ -9,12 +9,11 @@ slice after each step, with the duplicates and contamination found.
 from __future__ import annotations
 
 import collections
-import json
 import random
 
 from stillroom import atomic, contamination, dedup
 from stillroom.rundir import StageContext
-from stillroom.stages.prepare import read_split
+from stillroom.stages.prepare import read_examples, read_split
 
 EXAMPLES_IN_CARD = 5
 STEPS = ("sources", "after_exact_dedup", "after_near_dedup", "after_contamination", "train_after_resample", "dev")
@@ -49,10 +48,9 @@ def resample(records: list[dict], weights: dict[str, float], size: int | None, r
 
 def run(ctx: StageContext) -> None:
     cfg, m = ctx.cfg, ctx.cfg.data.mixture
-    examples = {e["id"]: {**e, "split": s} for s in ("train", "dev") for e in read_split(ctx.inputs["prepare"], s)}
+    examples = read_examples(ctx.inputs["prepare"])
     evals = read_split(ctx.inputs["prepare"], "eval")
-    with open(ctx.inputs["select"] / "selected.jsonl") as f:
-        selected = [json.loads(line) for line in f]
+    selected = atomic.read_jsonl(ctx.inputs["select"] / "selected.jsonl")
 
     # 1) sources: selected teacher sequences and clean references
     sources = set(m.sources)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import json
 from pathlib import Path
 
 from stillroom import atomic
@@ -26,8 +25,12 @@ def split_of(example_id: str, eval_fraction: float, dev_fraction: float) -> str:
 
 
 def read_split(prepare_dir: Path, split: str) -> list[dict]:
-    with open(prepare_dir / f"{split}.jsonl") as f:
-        return [json.loads(line) for line in f]
+    return atomic.read_jsonl(prepare_dir / f"{split}.jsonl")
+
+
+def read_examples(prepare_dir: Path, splits=("train", "dev")) -> dict[str, dict]:
+    """Examples of ``splits`` by id, in split then file order, each with its ``split``."""
+    return {e["id"]: {**e, "split": s} for s in splits for e in read_split(prepare_dir, s)}
 
 
 def run(ctx: StageContext) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from stillroom import atomic
+from stillroom.pipeline import STAGE_NAMES
 from stillroom.rundir import StageContext, read_manifest
 from stillroom.stages.mix import STEPS
 
@@ -80,8 +81,7 @@ def run(ctx: StageContext) -> None:
     results = json.loads((ctx.inputs["eval"] / "results.json").read_text())
     card = json.loads((ctx.inputs["select"] / "card.json").read_text())
     mix_card = json.loads((ctx.inputs["mix"] / "card.json").read_text())
-    stage_dirs = sorted((p for p in ctx.dir.parent.iterdir() if p.is_dir() and p != ctx.dir), key=lambda p: p.stat().st_mtime)
-    manifests = {p.name: m for p in stage_dirs if (m := read_manifest(p)) and m.get("status") == "complete"}
+    manifests = {name: m for name in STAGE_NAMES if (m := read_manifest(ctx.dir.parent / name)) and m.get("status") == "complete"}
     text = render(ctx.cfg, results, card, mix_card, manifests)
     atomic.write_text(ctx.dir / "report.md", text)
     atomic.write_text(ctx.dir.parent / "report.md", text)

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from stillroom import atomic, verifiers
 from stillroom.rundir import StageContext
 from stillroom.stages.generate import read_candidates
-from stillroom.stages.prepare import read_split
+from stillroom.stages.prepare import read_examples
 from stillroom.textnorm import normalize
 
 REASON_EXAMPLES = 3  # example outputs kept per rejection reason in the card
@@ -50,8 +50,7 @@ def choose(cands: list[dict], policy: str, score: str) -> list[dict]:
 
 def run(ctx: StageContext) -> None:
     sel = ctx.cfg.data.select
-    split_of = {e["id"]: s for s in ("train", "dev") for e in read_split(ctx.inputs["prepare"], s)}
-    examples = {e["id"]: e for s in ("train", "dev") for e in read_split(ctx.inputs["prepare"], s)}
+    examples = read_examples(ctx.inputs["prepare"])
     checks = [verifiers.build(entry) for entry in sel.verifiers]
     verdict_rows, passing = [], collections.defaultdict(list)
     rejected, not_applicable = collections.Counter(), collections.Counter()
@@ -76,7 +75,7 @@ def run(ctx: StageContext) -> None:
     for ex_id in sorted(passing):
         ex = examples[ex_id]
         for c in choose(passing[ex_id], sel.policy, sel.score):
-            selected.append({"example_id": ex_id, "candidate": c["candidate"], "split": split_of[ex_id],
+            selected.append({"example_id": ex_id, "candidate": c["candidate"], "split": ex["split"],
                              "layer": ex["layer"], "slice": ex["slice"], "text": c["text"]})  # fmt: skip
     with atomic.atomic_path(ctx.dir / "verdicts.parquet") as tmp:
         pq.write_table(pa.Table.from_pylist(verdict_rows, schema=pa.schema([

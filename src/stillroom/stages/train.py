@@ -12,7 +12,6 @@ each epoch, 4) save a standard Hugging Face folder.
 from __future__ import annotations
 
 import collections
-import json
 import math
 import random
 import time
@@ -25,7 +24,7 @@ from stillroom.plugins import registry
 from stillroom.progress import add, advance, bar
 from stillroom.rundir import StageContext
 from stillroom.stages.generate import read_candidates
-from stillroom.stages.prepare import read_split
+from stillroom.stages.prepare import read_examples
 
 
 def lr_at(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -143,9 +142,8 @@ def run(ctx: StageContext) -> None:
 
     # 2) data: the mixture's records (selected teacher sequences, clean references) behind the
     #    student's context-free prompt, each weighted by its source
-    examples = {e["id"]: e for s in ("train", "dev") for e in read_split(ctx.inputs["prepare"], s)}
-    with open(ctx.inputs["mix"] / "mixture.jsonl") as f:
-        mixture = [json.loads(line) for line in f]
+    examples = read_examples(ctx.inputs["prepare"])
+    mixture = atomic.read_jsonl(ctx.inputs["mix"] / "mixture.jsonl")
     weight = {"teacher": t.sft_weight, "reference": t.reference_weight}
     signals = {}
     if t.kd_weight > 0:  # the teacher's own tokens and top-k for every selected sequence
