@@ -1,44 +1,145 @@
+"""Every loss against a naive full-vocabulary reference written from the textbook formulas, in float64
+probability space (no shared code with stillroom.losses), on values and gradients."""
+
+import pytest
 import torch
 
-from stillroom.losses import sparse_forward_kl
+from stillroom.losses import DIVERGENCES, dense_divergence, divergence, fused_linear_loss, sparse_divergence
 
 
-def naive_forward_kl(student_logits, topk_ids, topk_logprobs, temperature):
-    """Dense reference: scatter the renormalized tempered teacher top-k into a full-vocabulary
-    distribution (zeros elsewhere) and take KL against the full student softmax, term by term."""
+def kl(a, b):
+    """sum_i a_i log(a_i / b_i) over the support of a; [N, C] probabilities -> [N]."""
+    on = a > 0
+    ratio = torch.where(on, a, torch.ones_like(a)) / torch.where(on, b, torch.ones_like(b))  # no 0/0 off the support
+    return torch.where(on, a * torch.log(ratio), torch.zeros_like(a)).sum(-1)
+
+
+def naive(p, q, kind, coef):
+    """The divergence of teacher p and student q, both [N, C] probabilities."""
+    if kind == "forward_kl":
+        return kl(p, q)
+    if kind == "reverse_kl":
+        return kl(q, p)
+    if kind == "jsd":
+        m = coef * p + (1 - coef) * q
+        return coef * kl(p, m) + (1 - coef) * kl(q, m)
+    if kind == "skew_forward_kl":
+        return kl(p, coef * p + (1 - coef) * q)
+    if kind == "skew_reverse_kl":
+        return kl(q, coef * q + (1 - coef) * p)
+    raise AssertionError(kind)
+
+
+def softmax64(x, t):
+    e = torch.exp((x.double() - x.double().max(-1, keepdim=True).values) / t)
+    return e / e.sum(-1, keepdim=True)
+
+
+def naive_dense(student_logits, teacher_logits, kind, t, coef):
+    return naive(softmax64(teacher_logits, t), softmax64(student_logits, t), kind, coef) * t * t
+
+
+def naive_sparse(student_logits, teacher_full_logits, k, kind, t, coef, tail):
+    """Sparse targets built from the teacher's full logits, in the full vocabulary: restricted to the
+    top-k ids (renormalize), or the top-k ids plus one category summing every other id (bucket)."""
     n, vocab = student_logits.shape
-    out = []
-    for i in range(n):
-        p = torch.zeros(vocab, dtype=torch.float64)
-        w = torch.exp(topk_logprobs[i].double() / temperature)
-        p[topk_ids[i]] = w / w.sum()
-        q = torch.softmax(student_logits[i].double() / temperature, -1)
-        out.append(sum(p[j] * (torch.log(p[j]) - torch.log(q[j])) for j in range(vocab) if p[j] > 0) * temperature**2)
-    return torch.stack(out)
+    p_full = softmax64(teacher_full_logits, 1.0)  # what the teacher stored is at T = 1
+    top = torch.topk(p_full, k, -1).indices
+    in_top = torch.zeros(n, vocab, dtype=torch.bool).scatter(-1, top, True)
+    q_full = softmax64(student_logits, t)
+    if tail == "renormalize":
+        w = torch.where(in_top, p_full ** (1 / t), torch.zeros_like(p_full))
+        p = w / w.sum(-1, keepdim=True)
+        q = torch.where(in_top, q_full, torch.zeros_like(q_full))
+        q = q / q.sum(-1, keepdim=True)
+        return naive(p, q, kind, coef) * t * t
+    # bucket: k + 1 categories; the teacher's tail is one pseudo-token tempered like the others
+    p_k = torch.gather(p_full, -1, top)
+    p_tail = 1 - p_k.sum(-1, keepdim=True)
+    w = torch.cat([p_k, p_tail], -1) ** (1 / t)
+    p = w / w.sum(-1, keepdim=True)
+    q = torch.cat([torch.gather(q_full, -1, top), (q_full * ~in_top).sum(-1, keepdim=True)], -1)
+    return naive(p, q, kind, coef) * t * t
 
 
-def test_sparse_forward_kl_matches_the_dense_reference_values_and_gradients():
+def coef_for(kind):
+    return {"jsd": 0.3, "skew_forward_kl": 0.1, "skew_reverse_kl": 0.2}.get(kind, 0.5)
+
+
+def grads_match(ours_fn, ref_fn, x):
+    a = x.detach().clone().requires_grad_(True)
+    b = x.detach().clone().requires_grad_(True)
+    ours, ref = ours_fn(a), ref_fn(b)
+    assert torch.allclose(ours.double(), ref, atol=1e-5), (ours, ref)
+    (ours.double() * torch.arange(1, len(ours) + 1)).sum().backward()  # uneven weights per row
+    (ref * torch.arange(1, len(ref) + 1)).sum().backward()
+    assert torch.allclose(a.grad, b.grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+@pytest.mark.parametrize("t", [1.0, 2.0, 0.7])
+def test_dense_divergences_match_the_textbook_reference(kind, t):
     torch.manual_seed(0)
-    n, vocab, k = 6, 50, 8
-    teacher = torch.randn(n, vocab)
-    top = torch.log_softmax(teacher, -1).topk(k, -1)
-    for temperature in (1.0, 2.0, 0.7):
-        s1 = torch.randn(n, vocab, dtype=torch.float64, requires_grad=True)
-        s2 = s1.detach().clone().requires_grad_(True)
-        ours = sparse_forward_kl(s1, top.indices, top.values.double(), temperature)
-        ref = naive_forward_kl(s2, top.indices, top.values, temperature)
-        assert torch.allclose(ours.double(), ref, atol=1e-5)
-        ours.sum().backward()
-        ref.sum().backward()
-        assert torch.allclose(s1.grad, s2.grad, atol=1e-5)
+    student, teacher = torch.randn(5, 64, dtype=torch.float64), 2 * torch.randn(5, 64)
+    grads_match(lambda s: dense_divergence(s, teacher, kind, t, coef_for(kind)),
+                lambda s: naive_dense(s, teacher, kind, t, coef_for(kind)), student)  # fmt: skip
 
 
-def test_sparse_forward_kl_is_zero_when_the_student_equals_the_teacher_on_its_support():
+@pytest.mark.parametrize("kind", DIVERGENCES)
+@pytest.mark.parametrize("t", [1.0, 2.0])
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+def test_sparse_divergences_match_the_full_vocabulary_reference(kind, t, tail):
     torch.manual_seed(1)
-    logits = torch.randn(4, 30)
-    lp = torch.log_softmax(logits, -1)
-    top = lp.topk(30, -1)  # k = V: nothing truncated
-    assert torch.allclose(sparse_forward_kl(logits, top.indices, top.values), torch.zeros(4), atol=1e-6)
+    n, vocab, k = 6, 80, 8
+    teacher = 3 * torch.randn(n, vocab, dtype=torch.float64)
+    top = torch.log_softmax(teacher, -1).topk(k, -1)
+    student = torch.randn(n, vocab, dtype=torch.float64)
+    grads_match(lambda s: sparse_divergence(s, top.indices, top.values, kind, t, coef_for(kind), tail),
+                lambda s: naive_sparse(s, teacher, k, kind, t, coef_for(kind), tail), student)  # fmt: skip
+
+
+def test_divergences_are_zero_for_identical_distributions_and_positive_otherwise():
+    torch.manual_seed(2)
+    a, b = torch.log_softmax(torch.randn(4, 30), -1), torch.log_softmax(torch.randn(4, 30), -1)
+    for kind in DIVERGENCES:
+        assert torch.allclose(divergence(a, a, kind, coef_for(kind)), torch.zeros(4), atol=1e-6)
+        assert (divergence(a, b, kind, coef_for(kind)) > 0).all()
+
+
+def test_bucket_tail_penalizes_student_mass_outside_the_teacher_top_k_and_renormalize_does_not():
+    logits = torch.tensor([[4.0, 3.0, 0.0, 0.0, 0.0, 0.0]])
+    top = torch.log_softmax(logits, -1).topk(2, -1)
+    same_on_top = logits.clone()
+    same_on_top[0, 2:] = 5.0  # same ratio on the top-2, far more mass outside them
+    assert sparse_divergence(same_on_top, top.indices, top.values, tail="renormalize").item() == pytest.approx(0, abs=1e-6)
+    assert sparse_divergence(same_on_top, top.indices, top.values, tail="bucket").item() > 1.0
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fused_linear_loss_equals_the_plain_loss_in_values_and_gradients(with_bias):
+    """Chunks of 3 rows over 10: the same loss and the same gradients as logits built all at once."""
+    torch.manual_seed(3)
+    n, h, vocab, k = 10, 16, 40, 5
+    hidden = torch.randn(n, h, dtype=torch.float64)
+    weight = torch.randn(vocab, h, dtype=torch.float64) * 0.3
+    bias = torch.randn(vocab, dtype=torch.float64) if with_bias else None
+    targets = torch.randint(0, vocab, (n,))
+    teacher = torch.log_softmax(torch.randn(n, vocab), -1).topk(k, -1)
+
+    def loss_of(logits, s, e):
+        ce = torch.nn.functional.cross_entropy(logits, targets[s:e], reduction="sum")
+        return ce + 0.5 * sparse_divergence(logits, teacher.indices[s:e], teacher.values[s:e], "jsd", 2.0, 0.4).sum()
+
+    leaves = [x.clone().requires_grad_(True) for x in (hidden, weight) + ((bias,) if with_bias else ())]
+    fused = fused_linear_loss(leaves[0], leaves[1], leaves[2] if with_bias else None, loss_of, chunk_size=3)
+    (2.5 * fused).backward()
+    plain_leaves = [x.clone().requires_grad_(True) for x in (hidden, weight) + ((bias,) if with_bias else ())]
+    logits = torch.nn.functional.linear(plain_leaves[0], plain_leaves[1], plain_leaves[2] if with_bias else None)
+    plain = loss_of(logits.double(), 0, n)
+    (2.5 * plain).backward()
+    assert torch.allclose(fused.double(), plain, atol=1e-6)
+    for a, b in zip(leaves, plain_leaves):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6)
 
 
 def test_kd_targets_line_up_with_the_completion_tokens(tiny_model_dir):
@@ -46,7 +147,7 @@ def test_kd_targets_line_up_with_the_completion_tokens(tiny_model_dir):
     top-k, has zero KD loss: any off-by-one between labels and top-k rows would show up."""
     from stillroom import generation, models
     from stillroom.examples.toolcall.task import ToolCallTask
-    from stillroom.stages.train import collate, encode, token_loss_sum
+    from stillroom.stages.train import collate, completion_loss, completion_tokens, encode
 
     model, tokenizer = models.load(str(tiny_model_dir))
     task = ToolCallTask()
@@ -56,9 +157,10 @@ def test_kd_targets_line_up_with_the_completion_tokens(tiny_model_dir):
     rows = [encode(tokenizer, p, g.token_ids, 4096, 0.0, (g.topk_ids, g.topk_logprobs)) for p, g in zip(prompts, gens)]
     batch = collate(rows, tokenizer.pad_token_id)
     with torch.no_grad():
-        kd, n = token_loss_sum(model, batch, kd_weight=1.0)
+        kd = completion_loss(model, batch, kd_weight=1.0)
         shifted = dict(batch, kd_ids=batch["kd_ids"].roll(1, dims=1), kd_logprobs=batch["kd_logprobs"].roll(1, dims=1))
-        off_by_one, _ = token_loss_sum(model, shifted, kd_weight=1.0)
+        off_by_one = completion_loss(model, shifted, kd_weight=1.0)
+    n = completion_tokens(batch)
     assert n == sum(len(g.token_ids) + 1 for g in gens)
     assert abs(kd.item()) < 1e-3 * n
     assert off_by_one.item() > 100 * max(abs(kd.item()), 1e-4)

@@ -84,7 +84,9 @@ class TeacherConfig(Section):
 class StudentConfig(Section):
     model: str | None = None  # a HF model folder to start from, or `default`
     pruned_from: Literal["teacher"] | None = None  # build the student from the teacher's layers
-    keep_layers: int | list[int] = 10  # count (evenly spaced) or explicit indices of teacher layers
+    keep_layers: int | list[int] = 10  # count, or explicit indices of teacher layers
+    prune_by: Literal["evenly_spaced", "importance"] = "evenly_spaced"  # which `keep_layers` layers (a count) to keep
+    importance_samples: int = Field(32, ge=1)  # training texts the layer importance is measured on
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
     @field_validator("model")
@@ -105,6 +107,8 @@ class StudentConfig(Section):
     def _one_source(self) -> StudentConfig:
         if (self.model is None) == (self.pruned_from is None):
             raise ValueError("set exactly one of `model` (a folder) or `pruned_from: teacher`")
+        if self.prune_by == "importance" and isinstance(self.keep_layers, list):
+            raise ValueError("prune_by: importance chooses the layers itself; give keep_layers as a count")
         return self
 
 
@@ -199,10 +203,18 @@ class SignalsConfig(Section):
     shard_size: int = Field(32, ge=1)  # prompts per store shard: the unit of resume
 
 
+class LoraConfig(Section):
+    r: int = Field(16, ge=1)  # adapter rank
+    alpha: float = Field(32.0, gt=0)  # scaling numerator: updates are scaled by alpha / r
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"  # module names, or every linear but the head
+    save_adapter: bool = True  # also write the adapter alone (train/adapter); train/model is always merged
+
+
 class TrainConfig(Section):
     epochs: int = Field(3, ge=1)
-    batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step
+    batch_size: int = Field(8, ge=1)  # rows per micro-batch on each process
+    grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step; global batch = batch_size * grad_accum * processes
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_fraction: float = Field(0.1, ge=0, lt=1)  # of all optimizer steps, then cosine decay
@@ -212,8 +224,19 @@ class TrainConfig(Section):
     dropout: float = Field(0.0, ge=0, lt=1)  # attention dropout in the student while training
     sft_weight: float = Field(1.0, ge=0)  # weight of cross-entropy on selected teacher sequences
     reference_weight: float = Field(0.0, ge=0)  # weight of cross-entropy on clean references, where known
-    kd_weight: float = Field(0.0, ge=0)  # weight of forward KL to the stored teacher top-k (teacher sequences)
+    kd_weight: float = Field(0.0, ge=0)  # weight of the divergence to the teacher, per completion token
+    kd_loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl"] = "forward_kl"
     kd_temperature: float = Field(1.0, gt=0)  # softens both distributions; the loss is scaled by T^2
+    kd_beta: float = Field(0.5, gt=0, lt=1)  # jsd: weight of the teacher in the mixture m = beta p + (1 - beta) q
+    kd_alpha: float = Field(0.1, ge=0, lt=1)  # skew KLs: share of the first distribution mixed into the second
+    kd_tail: Literal["bucket", "renormalize"] = "bucket"  # offline top-k: lump the missing mass into one bucket, or renormalize
+    teacher_mode: Literal["offline", "online"] = "offline"  # offline: stored top-k (teacher sequences); online: teacher forward per batch, dense
+    loss_chunk: int = Field(1024, ge=1)  # completion tokens whose logits exist at once (memory bound)
+    lora: LoraConfig | None = None  # None: full fine-tuning
+    eval_every: int | None = Field(None, ge=1)  # optimizer steps between dev losses (None: each epoch's end)
+    early_stopping_patience: int | None = Field(None, ge=1)  # dev evaluations without improvement before stopping
+    restore_best: bool = True  # with a dev split: end on the weights of the best dev loss
+    checkpoint_every: int = Field(25, ge=1)  # optimizer steps between resumable checkpoints
 
     @model_validator(mode="after")
     def _some_loss(self) -> TrainConfig:
@@ -255,13 +278,21 @@ class PipelineConfig(Section):
         if self.student.pruned_from == "teacher" and self.teacher.backend != "hf":
             raise ValueError("student.pruned_from: teacher needs a local teacher (teacher.backend: hf); "
                              "give student.model instead")  # fmt: skip
-        if self.train.kd_weight > 0 and (self.signals.top_k == 0 or "teacher" not in self.data.mixture.sources):
-            raise ValueError("train.kd_weight > 0 needs signals.top_k > 0 and `teacher` in data.mixture.sources")
+        offline_kd = self.train.kd_weight > 0 and self.train.teacher_mode == "offline"
+        if offline_kd and (self.signals.top_k == 0 or "teacher" not in self.data.mixture.sources):
+            raise ValueError("train.kd_weight > 0 with teacher_mode: offline needs signals.top_k > 0 and `teacher` in "
+                             "data.mixture.sources (or use train.teacher_mode: online)")  # fmt: skip
+        if self.train.teacher_mode == "online" and self.teacher.backend != "hf":
+            raise ValueError("train.teacher_mode: online runs the teacher in the training process (teacher.backend: hf)")
         has_refs = "reference" in self.data.mixture.sources
         if has_refs != (self.train.reference_weight > 0):
             raise ValueError("data.mixture.sources includes `reference` exactly when train.reference_weight > 0")
-        if ("teacher" in self.data.mixture.sources) != (self.train.sft_weight + self.train.kd_weight > 0):
-            raise ValueError("data.mixture.sources includes `teacher` exactly when train.sft_weight or train.kd_weight > 0")
+        with_teacher = "teacher" in self.data.mixture.sources
+        if with_teacher and self.train.sft_weight + self.train.kd_weight <= 0:
+            raise ValueError("data.mixture.sources includes `teacher` but neither train.sft_weight nor train.kd_weight uses it")
+        if not with_teacher and (self.train.sft_weight > 0 or offline_kd):
+            raise ValueError("train.sft_weight > 0 (or offline KD) trains on teacher sequences: add `teacher` to "
+                             "data.mixture.sources")  # fmt: skip
         if self.signals.score_references and self.teacher.backend != "hf":
             raise ValueError("signals.score_references needs a local teacher (teacher.backend: hf)")
         return self

@@ -1,32 +1,170 @@
 """Distillation losses as pure functions, with shapes in their docstrings.
 
-Offline signals keep only the teacher's top-k log-probs per position; these losses compare the
-student to that sparse distribution without building any dense teacher tensor. Each is tested
-against a naive full-vocabulary reference in ``tests/test_losses.py``.
+Three layers, each tested against a naive full-vocabulary reference in ``tests/test_losses.py``:
+
+1. ``divergence``: a divergence between two distributions given as log-probs over the same C
+   categories, per row: forward KL, reverse KL, generalized JSD (beta), skew forward / reverse KL
+   (alpha).
+2. ``dense_divergence`` (online teacher: full logits) and ``sparse_divergence`` (offline teacher:
+   the stored top-k log-probs, with a choice of what to do with the missing tail mass) turn logits
+   into those distributions at a temperature T and scale by T^2 (Hinton et al., 2015).
+3. ``fused_linear_loss``: the student's final projection and any loss over its logits, computed in
+   chunks of rows with the gradients taken chunk by chunk, so peak memory is one chunk's logits
+   (chunk x vocabulary), never batch x sequence x vocabulary.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Callable, Literal
+
 import torch
+import torch.nn.functional as F
+
+Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl"]
+Tail = Literal["bucket", "renormalize"]
+TAIL_FLOOR = math.log(1e-6)  # tail masses below 1e-6 are float32 round-off of sum p_k (k near V): read as 1e-6
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
 
 
-def sparse_forward_kl(
-    student_logits: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_logprobs: torch.Tensor,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """Forward KL(teacher || student) on the teacher's top-k support, per position.
+def _kl(a_lp: torch.Tensor, b_lp: torch.Tensor) -> torch.Tensor:
+    """KL(a || b) per row from log-probs [N, C] -> [N]."""
+    return (a_lp.exp() * (a_lp - b_lp)).sum(-1)
 
-    student_logits: [N, V] raw student logits at N positions.
-    topk_ids: [N, k] teacher top-k token ids (int64).
-    topk_logprobs: [N, k] teacher log-probs of those ids, untempered (as stored).
-    Returns [N]: sum_j p_j (log p_j - log q_j) * T^2, where p is the teacher's top-k distribution at
-    temperature T renormalized over the k ids (the missing tail mass is dropped) and q the student's
-    full-vocabulary distribution at temperature T, read at the same ids. T^2 keeps gradient scale
-    comparable across temperatures (Hinton et al., 2015).
+
+def _mix(a_lp: torch.Tensor, b_lp: torch.Tensor, a_share: float) -> torch.Tensor:
+    """log(a_share * a + (1 - a_share) * b) from log-probs, stably. [N, C] -> [N, C]."""
+    return torch.logaddexp(a_lp + math.log(a_share), b_lp + math.log1p(-a_share))
+
+
+def divergence(teacher_lp: torch.Tensor, student_lp: torch.Tensor, kind: Divergence = "forward_kl", coef: float = 0.5) -> torch.Tensor:
+    """Divergence between teacher p and student q, per row.
+
+    teacher_lp, student_lp: [N, C] log-probs over the same C categories (each row sums to 1).
+    coef: beta for ``jsd`` (in (0, 1)), alpha for the skew KLs (in [0, 1)); unused otherwise.
+    Returns [N]:
+      forward_kl       KL(p || q)                        mass-covering (the classic KD loss)
+      reverse_kl       KL(q || p)                        mode-seeking (MiniLLM)
+      jsd              beta KL(p || m) + (1-beta) KL(q || m),  m = beta p + (1-beta) q   (GKD)
+      skew_forward_kl  KL(p || alpha p + (1-alpha) q)    (DistiLLM, Ko et al. 2024)
+      skew_reverse_kl  KL(q || alpha q + (1-alpha) p)
+    """
+    p, q = teacher_lp.float().clamp_min(-1e4), student_lp.float().clamp_min(-1e4)  # -inf (masked ids): p = 0, finite terms
+    if kind == "forward_kl":
+        return _kl(p, q)
+    if kind == "reverse_kl":
+        return _kl(q, p)
+    if kind == "jsd":
+        if not 0 < coef < 1:
+            raise ValueError(f"jsd needs 0 < beta < 1, got {coef}")
+        m = _mix(p, q, coef)
+        return coef * _kl(p, m) + (1 - coef) * _kl(q, m)
+    if kind == "skew_forward_kl":
+        return _kl(p, _mix(p, q, coef)) if coef > 0 else _kl(p, q)
+    if kind == "skew_reverse_kl":
+        return _kl(q, _mix(q, p, coef)) if coef > 0 else _kl(q, p)
+    raise ValueError(f"unknown divergence {kind!r}; choose one of {', '.join(DIVERGENCES)}")
+
+
+def dense_divergence(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: Divergence = "forward_kl",
+    temperature: float = 1.0, coef: float = 0.5,
+) -> torch.Tensor:  # fmt: skip
+    """Full-vocabulary divergence at temperature T, scaled by T^2.
+
+    student_logits, teacher_logits: [N, V] raw logits at the same N positions. Returns [N].
     """
     t = temperature
-    teacher_lp = torch.log_softmax(topk_logprobs.float() / t, dim=-1)  # renormalized over the k ids
-    student_lp = torch.log_softmax(student_logits.float() / t, dim=-1).gather(-1, topk_ids)
-    return (teacher_lp.exp() * (teacher_lp - student_lp)).sum(-1) * t * t
+    return divergence(
+        torch.log_softmax(teacher_logits.float() / t, -1), torch.log_softmax(student_logits.float() / t, -1), kind, coef
+    ) * (t * t)
+
+
+def sparse_divergence(
+    student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+    kind: Divergence = "forward_kl", temperature: float = 1.0, coef: float = 0.5, tail: Tail = "bucket",
+) -> torch.Tensor:  # fmt: skip
+    """Divergence to a teacher known only by its top-k, at temperature T, scaled by T^2.
+
+    student_logits: [N, V] raw student logits. topk_ids: [N, k] int64 teacher ids.
+    topk_logprobs: [N, k] teacher log-probs of those ids at T = 1 (as stored). Returns [N].
+
+    tail = ``bucket``: k + 1 categories, the k ids and one bucket for the rest of the vocabulary
+      (the teacher's stored tail mass 1 - sum p_k; the student's exact tail mass). Student mass
+      outside the teacher's top-k is penalized as a whole. At T != 1 the teacher tail is tempered as a
+      single pseudo-token of log-prob log(tail mass), since its logits were not stored.
+    tail = ``renormalize``: k categories; both distributions restricted to the k ids and renormalized.
+      Exact for any T, blind to student mass outside the top-k.
+    """
+    t = temperature
+    s_logits = student_logits.float() / t
+    s_at = s_logits.gather(-1, topk_ids)  # [N, k]
+    lp = topk_logprobs.float()
+    if tail == "renormalize":
+        teacher_lp, student_lp = torch.log_softmax(lp / t, -1), torch.log_softmax(s_at, -1)
+    elif tail == "bucket":
+        t_tail = (-torch.logsumexp(lp, -1).exp().clamp_max(1.0)).log1p().clamp_min(TAIL_FLOOR)  # log(1 - sum p_k), [N]
+        teacher_lp = torch.log_softmax(torch.cat([lp, t_tail[:, None]], -1) / t, -1)  # [N, k+1]
+        outside = s_logits.scatter(-1, topk_ids, float("-inf"))  # the tail's logits only
+        s_all = torch.logsumexp(s_logits, -1, keepdim=True)
+        s_tail = (torch.logsumexp(outside, -1, keepdim=True) - s_all).clamp_min(TAIL_FLOOR)  # exact student tail
+        student_lp = torch.cat([s_at - s_all, s_tail], -1)
+    else:
+        raise ValueError(f"unknown tail handling {tail!r}; choose bucket or renormalize")
+    return divergence(teacher_lp, student_lp, kind, coef) * (t * t)
+
+
+ChunkLoss = Callable[[torch.Tensor, int, int], torch.Tensor]
+
+
+class _FusedLinearLoss(torch.autograd.Function):
+    """Forward computes the loss chunk by chunk and, in the same pass, its gradients with respect to
+    the hidden states, weight and bias; backward only scales them. One chunk's logits are alive at a
+    time (the idea of Liger-Kernel's fused linear losses, written on plain autograd)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, loss_fn: ChunkLoss, chunk_size: int):
+        wants = tuple(ctx.needs_input_grad[:3])
+        grads = [torch.zeros_like(x) if want else None for x, want in zip((hidden, weight, bias), wants)]
+        w = weight.detach().requires_grad_(wants[1])
+        b = bias.detach().requires_grad_(wants[2]) if bias is not None else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = min(start + chunk_size, hidden.shape[0])
+            h = hidden[start:end].detach().requires_grad_(wants[0])
+            with torch.enable_grad():
+                loss = loss_fn(F.linear(h, w, b).float(), start, end)
+            leaves = [x for x, want in zip((h, w, b), wants) if want]
+            if leaves and loss.requires_grad:
+                it = iter(torch.autograd.grad(loss, leaves))
+                if wants[0]:
+                    grads[0][start:end] = next(it)
+                for i in (1, 2):
+                    if wants[i]:
+                        grads[i] += next(it)
+            total += loss.detach()
+        ctx.save_for_backward(*[g for g in grads if g is not None])
+        ctx.wants = wants
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = iter(ctx.saved_tensors)
+        out = [next(saved) * grad_out if want else None for want in ctx.wants]
+        return out[0], out[1], out[2], None, None
+
+
+def fused_linear_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, loss_fn: ChunkLoss, chunk_size: int = 1024
+) -> torch.Tensor:
+    """``loss_fn`` summed over chunks of rows of ``hidden @ weight.T + bias``, without ever holding all logits.
+
+    hidden: [N, H] (the positions that carry a loss). weight: [V, H]. bias: [V] or None.
+    loss_fn(logits [n, V] float32, start, end) -> scalar: the loss of rows start..end, a sum (not a
+    mean) so that chunks add up; it may read any other per-row tensor by the same slice.
+    Returns a scalar with gradients to hidden, weight and bias. Peak memory: chunk_size x V logits
+    plus what loss_fn builds from them, independent of N.
+    """
+    if hidden.shape[0] == 0:
+        return (hidden.sum() + weight.sum()) * 0.0  # keeps the graph connected, e.g. for DDP
+    return _FusedLinearLoss.apply(hidden, weight, bias, loss_fn, chunk_size)

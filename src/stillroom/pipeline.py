@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
-from stillroom import atomic
+from stillroom import atomic, distributed
 from stillroom.config import PipelineConfig, stage_view
 from stillroom.rundir import MANIFEST, Stage, StageContext, is_fresh, outputs_hash, stage_key, write_manifest
 
@@ -31,9 +31,9 @@ def _stages() -> list[Stage]:
         Stage("generate", generate.run, ("prepare",), ("run.seed", "teacher", "signals"), "sample teacher candidates"),
         Stage("select", select.run, ("prepare", "generate"), ("data.select",), "verify candidates, keep the good"),
         Stage("mix", mix.run, ("prepare", "select"), ("run.seed", "data.layer_weights", "data.mixture"), "dedup, decontaminate, weight the mixture"),
-        Stage("train", train.run, ("prepare", "generate", "mix"), ("run.seed", "teacher", "student", "train"), "train the student"),
-        Stage("eval", evaluate.run, ("prepare", "train"), ("teacher", "eval", "targets"), "measure teacher and student"),
-        Stage("report", report.run, ("prepare", "select", "mix", "train", "eval"), ("targets",), "write the run report"),
+        Stage("train", train.run, ("prepare", "generate", "mix"), ("run.seed", "teacher", "student", "train"), "train the student", "0.2.0"),
+        Stage("eval", evaluate.run, ("prepare", "train"), ("teacher", "eval", "targets"), "measure teacher and student", "0.2.0"),
+        Stage("report", report.run, ("prepare", "select", "mix", "train", "eval"), ("targets",), "write the run report", "0.2.0"),
     ]
 
 
@@ -70,8 +70,11 @@ def run_pipeline(cfg: PipelineConfig, until: str = "report", force: set[str] = f
     if unknown:
         raise ValueError(f"--force: unknown stage(s) {sorted(unknown)}; stages: {', '.join(STAGE_NAMES)}")
     root = run_dir(cfg)
-    root.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(root / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    world, main = distributed.world_size(), distributed.is_main()
+    distributed.init()  # joins the process group under torchrun; nothing in a world of one
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(root / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     redo = downstream(stages, set(force))
     for st in upstream(stages, until):
         stage_dir = root / st.name
@@ -80,15 +83,23 @@ def run_pipeline(cfg: PipelineConfig, until: str = "report", force: set[str] = f
         view = stage_view(cfg, list(st.config))
         key = stage_key(st, view, input_hashes)
         if st.name not in redo and is_fresh(stage_dir, key):
-            console.print(f"[dim]{st.name}: up to date, skipped ({stage_dir})[/dim]")
+            if main:
+                console.print(f"[dim]{st.name}: up to date, skipped ({stage_dir})[/dim]")
             continue
-        console.rule(f"[bold]{st.name}[/bold]: {st.help}")
-        _reset(stage_dir, keep_scratch=st.name not in force)
+        if world > 1 and st.name != "train":  # under torchrun only the training is data parallel
+            raise RuntimeError(f"stage {st.name} is not up to date; run `stillroom {st.name} CONFIG` in one "
+                               f"process before training under torchrun")  # fmt: skip
+        if main:
+            console.rule(f"[bold]{st.name}[/bold]: {st.help}")
+            _reset(stage_dir, keep_scratch=st.name not in force)
+        distributed.barrier()
         ctx = StageContext(name=st.name, dir=stage_dir, cfg=cfg, inputs=inputs, key=key)
         started = time.time()
         st.run(ctx)
-        write_manifest(ctx, view, input_hashes, started)
-        console.print(f"{st.name}: done in {time.time() - started:.1f}s {ctx.counts}")
+        if main:
+            write_manifest(ctx, view, input_hashes, started)
+            console.print(f"{st.name}: done in {time.time() - started:.1f}s {ctx.counts}")
+        distributed.barrier()
     return root
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
-def bar() -> Progress:
-    """``with bar() as p: t = add(p, "generate", n, "prompts"); advance(p, t)``."""
+def bar(enabled: bool = True) -> Progress:
+    """``with bar() as p: t = add(p, "generate", n, "prompts"); advance(p, t)``; ``enabled=False`` draws nothing."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -17,6 +17,7 @@ def bar() -> Progress:
         TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"),
         transient=False,
+        disable=not enabled,
     )
 
 

@@ -99,12 +99,12 @@ class Stage:
     needs: tuple[str, ...]  # upstream stages whose outputs this one reads
     config: tuple[str, ...]  # dotted config sections its result depends on
     help: str
+    version: str = "0.1.0"  # of the stage's code and output format: bump it when either changes its outputs
+
 
 
 def stage_key(stage: Stage, config_view: dict, input_hashes: dict[str, str]) -> str:
-    from stillroom import __version__
-
-    return sha256_json({"stage": stage.name, "config": config_view, "inputs": input_hashes, "code": __version__})
+    return sha256_json({"stage": stage.name, "config": config_view, "inputs": input_hashes, "code": stage.version})
 
 
 def write_manifest(ctx: StageContext, config_view: dict, input_hashes: dict[str, str], started: float) -> dict:

@@ -65,11 +65,20 @@ def render(cfg, results: dict, card: dict, mix_card: dict, manifests: dict) -> s
               "| step | total | " + " | ".join(layers) + " |", "|---|---|" + "---|" * len(layers)]  # fmt: skip
     for name, st in steps.items():
         lines.append(f"| {name} | {st['total']} | " + " | ".join(str(st["per_layer"].get(k, 0)) for k in layers) + " |")
-    tr = manifests["train"]["counts"]
+    tr, tcfg = manifests["train"]["counts"], manifests["train"]["config"]["train"]
+    objective = f"CE on teacher sequences x{tcfg['sft_weight']}, on references x{tcfg['reference_weight']}"
+    if tcfg["kd_weight"] > 0:
+        objective += (f", {tcfg['kd_loss']} to the {tcfg['teacher_mode']} teacher x{tcfg['kd_weight']} at T={tcfg['kd_temperature']}"
+                      + (f" (top-k tail: {tcfg['kd_tail']})" if tcfg["teacher_mode"] == "offline" else " (dense)"))  # fmt: skip
     lines += ["", "## Training", "",
-              f"{tr['steps']} steps on {tr['train_examples']} records ({json.dumps(tr['records_by_source'])}), final train loss {tr['final_train_loss']}, "
-              f"dev loss {tr['final_dev_loss']}, {tr['tokens_per_s']} tokens/s. Student origin: "
-              f"{json.dumps({k: tr[k] for k in ('pruned_from', 'layers', 'from') if k in tr})}.", "",
+              f"Objective: {objective}; {'LoRA r=' + str(tcfg['lora']['r']) if tcfg.get('lora') else 'full fine-tuning'} "
+              f"({tr['trainable_params']:,} of {tr['params']:,} parameters trained).", "",
+              f"{tr['steps']} steps on {tr['train_examples']} records ({json.dumps(tr['records_by_source'])}), "
+              f"{tr['processes']} process(es), global batch {tr['global_batch']}; final train loss {tr['final_train_loss']}, "
+              f"best dev loss {tr['best_dev_loss']} at step {tr['best_step']}"
+              f"{' (weights restored)' if tr['restored_best'] else ''}{', stopped early' if tr['early_stopped'] else ''}; "
+              f"{tr['tokens_per_s']} tokens/s. Student origin: "
+              f"{json.dumps({k: tr[k] for k in ('pruned_from', 'prune_by', 'layers', 'from') if k in tr})}.", "",
               "## Stage timings", "", "| stage | seconds |", "|---|---|"]
     for name, m in manifests.items():
         lines.append(f"| {name} | {m['timings'].get('total_s')} |")

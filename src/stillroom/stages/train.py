@@ -1,25 +1,36 @@
 """Stage `train`: the student learns, without the teacher's context, what the teacher did with it.
 
-Read top to bottom: 1) build the student, 2) build the data (student prompt + selected teacher
-completion, and the clean reference where the example has one; loss only on the completion, each
-source with its weight), 3) the loop: AdamW, warmup + cosine, accumulation, clipping, dev loss after
-each epoch, 4) save a standard Hugging Face folder.
+Read top to bottom: 1) build the student (pruned from the teacher by spacing or measured importance,
+or loaded; LoRA adapters when asked), 2) build the rows (student prompt + completion, loss only on the
+completion, each row weighted by its source and layer; teacher top-k or the teacher's own prompt for
+KD), 3) the loop: AdamW, warmup + cosine, accumulation, clipping, dev loss, early stopping,
+checkpoints that resume bit-exactly, data parallel under torchrun, 4) save a standard HF folder.
 
-    loss = sum over completion tokens of (weight of the token's source * cross-entropy) / token count
+The objective of one optimizer step, over the completion tokens of all its micro-batches and processes:
 
+    loss = (sum_tokens  w_row * CE(student, target)  +  kd_weight * w_layer * D(teacher || student)) / tokens
+
+w_row is the source weight (``sft_weight`` on selected teacher sequences, ``reference_weight`` on clean
+references) times the layer weight; D is ``kd_loss`` at ``kd_temperature`` (losses.py), on the stored
+top-k (offline) or on the teacher's dense logits computed in the step (online). Logits exist
+``loss_chunk`` tokens at a time (losses.fused_linear_loss).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import random
+import shutil
 import time
 
 import torch
+import torch.nn.functional as F
 
-from stillroom import atomic, generation, models
-from stillroom.losses import sparse_forward_kl
+from stillroom import atomic, checkpoints, generation, models
+from stillroom import distributed as dist
+from stillroom.losses import dense_divergence, fused_linear_loss, sparse_divergence
 from stillroom.plugins import registry
 from stillroom.progress import add, advance, bar
 from stillroom.rundir import StageContext
@@ -35,34 +46,44 @@ def lr_at(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def encode(tokenizer, prompt: str, completion: str | list[int], max_length: int, weight: float, topk=None) -> dict:
-    """One training row: prompt + completion + end-of-turn token ids, labels (-100 on the prompt),
-    the row's loss weight and, for KD, the teacher's top-k (ids, log-probs) per completion position.
+def encode(tokenizer, prompt: str, completion: str | list[int], max_length: int, weight: float, topk=None,
+           teacher_prompt: str | None = None, layer_weight: float = 1.0) -> dict:  # fmt: skip
+    """One training row: prompt + completion + end-of-turn ids, labels (-100 on the prompt), the row's
+    CE weight and layer weight; for offline KD the teacher's top-k (ids, log-probs) per completion
+    position; for online KD the teacher's own prompt + the same kept completion tokens.
     A completion given as token ids (the teacher's own) keeps those positions aligned with its top-k."""
     p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     c = tokenizer(completion, add_special_tokens=False)["input_ids"] if isinstance(completion, str) else list(completion)
     c = c + [generation.end_of_turn_id(tokenizer)]
-    row = {"ids": (p + c)[:max_length], "labels": ([-100] * len(p) + c)[:max_length], "weight": weight, "topk": None}
+    ids = (p + c)[:max_length]
+    kept = c[: max(0, len(ids) - len(p))]
+    row = {"ids": ids, "labels": ([-100] * len(p) + c)[:max_length], "weight": weight, "layer_weight": layer_weight, "topk": None}
     if topk is not None:
         row["topk"] = (len(p), topk[0], topk[1])  # label position of the first completion token
+    if teacher_prompt is not None:
+        tp = tokenizer(teacher_prompt, add_special_tokens=False)["input_ids"]
+        row["teacher_ids"], row["teacher_labels"] = tp + kept, [-100] * len(tp) + kept
     return row
 
 
+def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
+    out = torch.full((len(seqs), max(len(s) for s in seqs)), value)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s)
+    return out
+
+
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded [B, T] ids, labels, attention mask; [B] weights; and when any row carries teacher
-    top-k, [B, T, k] ids and log-probs with a [B, T] mask, aligned with the labels."""
-    width = max(len(r["ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_id)
-    labels = torch.full((len(rows), width), -100)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["ids"])
-        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["ids"]), torch.tensor(r["labels"]), 1
-    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask,
-             "weights": torch.tensor([r["weight"] for r in rows], dtype=torch.float32)}  # fmt: skip
+    """Right-padded [B, T] ids, labels, attention mask; [B] weights; with teacher top-k, [B, T, k] ids
+    and log-probs and a [B, T] mask aligned with the labels; with a teacher prompt, the teacher's
+    [B, T'] ids, labels and mask."""
+    ids, labels = _pad([r["ids"] for r in rows], pad_id), _pad([r["labels"] for r in rows], -100)
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": _pad([[1] * len(r["ids"]) for r in rows], 0),
+             "weights": torch.tensor([r["weight"] for r in rows], dtype=torch.float32),
+             "layer_weights": torch.tensor([r["layer_weight"] for r in rows], dtype=torch.float32)}  # fmt: skip
     with_topk = [r for r in rows if r["topk"] is not None]
     if with_topk:
-        k = len(with_topk[0]["topk"][1][0])
+        k, width = len(with_topk[0]["topk"][1][0]), ids.shape[1]
         batch["kd_ids"] = torch.zeros((len(rows), width, k), dtype=torch.long)
         batch["kd_logprobs"] = torch.zeros((len(rows), width, k))
         batch["kd_mask"] = torch.zeros((len(rows), width), dtype=torch.bool)
@@ -73,38 +94,90 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
                 batch["kd_ids"][i, start : start + n] = torch.tensor(tk_ids[:n])
                 batch["kd_logprobs"][i, start : start + n] = torch.tensor(tk_lp[:n], dtype=torch.float32)
                 batch["kd_mask"][i, start : start + n] = True
+    if "teacher_ids" in rows[0]:
+        batch["teacher_input_ids"] = _pad([r["teacher_ids"] for r in rows], pad_id)
+        batch["teacher_labels"] = _pad([r["teacher_labels"] for r in rows], -100)
+        batch["teacher_attention_mask"] = _pad([[1] * len(r["teacher_ids"]) for r in rows], 0)
     return batch
 
 
-def token_loss_sum(model, batch: dict[str, torch.Tensor], kd_weight: float = 0.0, kd_temperature: float = 1.0) -> tuple[torch.Tensor, int]:
-    """The blended objective, summed over completion tokens, and the token count. [B, T] in, scalar out.
+def completion_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
 
-    sum over tokens of (source weight * cross-entropy) + kd_weight * sparse forward KL to the teacher's
-    top-k, the KL only where the row carries teacher top-k (selected teacher sequences).
+
+def completion_loss(
+    student, batch: dict[str, torch.Tensor], teacher: tuple | None = None, *, kd_weight: float = 0.0,
+    kd_loss: str = "forward_kl", kd_temperature: float = 1.0, kd_coef: float = 0.5, kd_tail: str = "bucket",
+    chunk: int = 1024,
+) -> torch.Tensor:  # fmt: skip
+    """The blended objective of one micro-batch, summed (not averaged) over its completion tokens.
+
+    batch: collate's tensors, [B, T]. teacher: for online KD, (hidden [N, H_t], head weight [V, H_t],
+    head bias or None) at the batch's N completion positions in row-major order; None for offline KD
+    (the batch's stored top-k) or no KD. Returns a scalar.
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = batch["labels"][:, 1:]
-    per_token = torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none"
-    ).view_as(targets)  # [B, T-1], 0 where ignored
-    loss = (per_token * batch["weights"][:, None]).sum()
-    if kd_weight > 0 and "kd_mask" in batch:
-        m = batch["kd_mask"][:, 1:]  # label positions 1.. are predicted by logits 0..
-        kd = sparse_forward_kl(logits[:, :-1][m], batch["kd_ids"][:, 1:][m], batch["kd_logprobs"][:, 1:][m], kd_temperature)
-        loss = loss + kd_weight * kd.sum()
-    return loss, int((targets != -100).sum())
+    decoder, head = models.decoder_and_head(student)
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    at = batch["labels"][:, 1:] != -100  # position t predicts label t + 1
+    h = hidden[:, :-1][at]  # [N, H]
+    targets = batch["labels"][:, 1:][at]  # [N]
+    ce_w = batch["weights"][:, None].expand_as(at)[at]  # [N]
+    kd_w = batch["layer_weights"][:, None].expand_as(at)[at] * kd_weight  # [N]
+    offline = teacher is None and kd_weight > 0 and "kd_mask" in batch
+    if offline:
+        kd_on, kd_ids, kd_lp = batch["kd_mask"][:, 1:][at], batch["kd_ids"][:, 1:][at], batch["kd_logprobs"][:, 1:][at]
+    if teacher is not None and teacher[0].shape[0] != h.shape[0]:
+        raise RuntimeError(f"teacher and student completion positions differ ({teacher[0].shape[0]} vs {h.shape[0]})")
+
+    def chunk_loss(logits: torch.Tensor, s: int, e: int) -> torch.Tensor:
+        loss = (F.cross_entropy(logits, targets[s:e], reduction="none") * ce_w[s:e]).sum()
+        if teacher is not None and kd_weight > 0:
+            t_logits = F.linear(teacher[0][s:e], teacher[1], teacher[2])
+            kd = dense_divergence(logits, t_logits, kd_loss, kd_temperature, kd_coef)
+            loss = loss + (kd * kd_w[s:e]).sum()
+        elif offline and bool(kd_on[s:e].any()):
+            on = kd_on[s:e]
+            kd = sparse_divergence(logits[on], kd_ids[s:e][on], kd_lp[s:e][on], kd_loss, kd_temperature, kd_coef, kd_tail)
+            loss = loss + (kd * kd_w[s:e][on]).sum()
+        return loss
+
+    return fused_linear_loss(h, head.weight, head.bias, chunk_loss, chunk)
+
+
+class Objective(torch.nn.Module):
+    """The student and its loss in one module, so DistributedDataParallel sees every use of the weights
+    (the head is applied inside the loss, chunk by chunk)."""
+
+    def __init__(self, student, **loss_options):
+        super().__init__()
+        self.student, self.loss_options = student, loss_options
+
+    def forward(self, batch, teacher=None):
+        return completion_loss(self.student, batch, teacher, **self.loss_options)
 
 
 @torch.no_grad()
-def dev_loss(model, rows, batch_size: int, pad_id: int, kd_weight: float, kd_temperature: float) -> float | None:
+def teacher_targets(teacher, batch) -> tuple | None:
+    """Online KD: the teacher's final hidden states at its completion positions, [N, H_t], and its head."""
+    if teacher is None:
+        return None
+    decoder, head = teacher
+    hidden = decoder(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"]).last_hidden_state
+    return hidden[:, :-1][batch["teacher_labels"][:, 1:] != -100], head.weight, head.bias
+
+
+@torch.no_grad()
+def dev_loss(objective, rows, batch_size: int, pad_id: int, teacher, device) -> float | None:
+    """Mean of the objective per completion token on the dev rows (no dropout)."""
     if not rows:
         return None
-    model.eval()
+    objective.eval()
     total, count = 0.0, 0
     for i in range(0, len(rows), batch_size):
-        loss, n = token_loss_sum(model, collate(rows[i : i + batch_size], pad_id), kd_weight, kd_temperature)
-        total, count = total + loss.item(), count + n
-    model.train()
+        b = _to(collate(rows[i : i + batch_size], pad_id), device)
+        total += objective(b, teacher_targets(teacher, b)).item()
+        count += completion_tokens(b)
+    objective.train()
     return total / max(count, 1)
 
 
@@ -116,105 +189,239 @@ def set_dropout(model, p: float) -> None:
             module.attention_dropout = p
 
 
-def build_student(cfg):
-    """1) The student: pruned from the teacher's layers, or loaded from a folder."""
+def build_student(cfg, sample_texts):
+    """1) The student: pruned from the teacher's layers (evenly spaced, or the most important on
+    ``sample_texts(tokenizer)``), or loaded from a folder."""
     s = cfg.student
     if s.pruned_from == "teacher":
         teacher, tokenizer = models.load(cfg.teacher.model, "float32")
-        student, layers = models.prune_depth(teacher, s.keep_layers)
+        origin = {"pruned_from": cfg.teacher.model, "prune_by": s.prune_by}
+        keep = s.keep_layers
+        if s.prune_by == "importance":
+            scores = models.layer_importance(teacher, tokenizer, sample_texts(tokenizer)[: s.importance_samples])
+            keep = models.most_important(scores, s.keep_layers)
+            origin["layer_importance"] = [round(x, 5) for x in scores]
+        student, layers = models.prune_depth(teacher, keep)
         del teacher
-        return student.to(models.DTYPES[s.dtype]), tokenizer, {"pruned_from": cfg.teacher.model, "layers": layers}
+        return student.to(models.DTYPES[s.dtype]), tokenizer, {**origin, "layers": layers}
     student, tokenizer = models.load(s.model, s.dtype)
     return student, tokenizer, {"from": s.model}
 
 
+def with_lora(model, lora):
+    """LoRA adapters through peft; only they train."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
+                        target_modules=lora.target_modules)  # fmt: skip
+    return get_peft_model(model, config)
+
+
+def epoch_order(n: int, seed: int, epoch: int, world: int) -> list[int]:
+    """The rows of one epoch, shuffled by (seed, epoch) alone so a resumed run sees the same order;
+    under data parallelism the last n % world rows of the shuffle sit this epoch out."""
+    order = list(range(n))
+    random.Random(f"{seed}/{epoch}").shuffle(order)
+    return order[: n - n % world]
+
+
+def layer_weights(mixture: list[dict], targets: dict[str, float], resampled: bool) -> dict[str, float]:
+    """Per-layer loss weights: 1 when the mixture was resampled to the layer weights already; otherwise
+    target share / actual share of the training records, so the loss sees the configured mixture."""
+    counts = collections.Counter(r["layer"] for r in mixture if r["split"] == "train")
+    if resampled or not counts:
+        return {layer: 1.0 for layer in counts}
+    total_target = sum(targets.get(layer, 0.0) for layer in counts) or 1.0
+    n = sum(counts.values())
+    return {layer: (targets.get(layer, 0.0) / total_target) / (c / n) for layer, c in counts.items()}
+
+
+def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def run(ctx: StageContext) -> None:
     cfg, t = ctx.cfg, ctx.cfg.train
+    dist.init()
+    world, rank, device = dist.world_size(), dist.rank(), dist.device()
     torch.manual_seed(cfg.run.seed)
-    rng = random.Random(cfg.run.seed)
     task = registry().get("task", cfg.data.task)
+    examples = read_examples(ctx.inputs["prepare"])
+    mixture = atomic.read_jsonl(ctx.inputs["mix"] / "mixture.jsonl")
 
     # 1) student
     t0 = time.time()
-    model, tokenizer, origin = build_student(cfg)
+
+    def sample_texts(tokenizer) -> list[str]:  # training rows as the student will see them
+        train = [r for r in mixture if r["split"] == "train"]
+        return [generation.render(tokenizer, task.student_messages(examples[r["example_id"]])) + r["text"] for r in train]
+
+    model, tokenizer, origin = build_student(cfg, sample_texts)
+    if t.lora is not None:
+        model = with_lora(model, t.lora)
     set_dropout(model, t.dropout)
+    model.to(device)
+    teacher = None
+    if t.kd_weight > 0 and t.teacher_mode == "online":
+        teacher_model, _ = models.load(cfg.teacher.model, cfg.teacher.dtype)
+        teacher_model.to(device).eval().requires_grad_(False)
+        teacher = models.decoder_and_head(teacher_model)
     ctx.timings["build_student_s"] = round(time.time() - t0, 3)
 
     # 2) data: the mixture's records (selected teacher sequences, clean references) behind the
-    #    student's context-free prompt, each weighted by its source
-    examples = read_examples(ctx.inputs["prepare"])
-    mixture = atomic.read_jsonl(ctx.inputs["mix"] / "mixture.jsonl")
-    weight = {"teacher": t.sft_weight, "reference": t.reference_weight}
+    #    student's context-free prompt, each weighted by its source and layer
+    source_weight = {"teacher": t.sft_weight, "reference": t.reference_weight}
+    per_layer = layer_weights(mixture, cfg.data.layer_weights, cfg.data.mixture.resample)
     signals = {}
-    if t.kd_weight > 0:  # the teacher's own tokens and top-k for every selected sequence
-        wanted = {(r["example_id"], r["candidate"]) for r in mixture if r["source"] == "teacher"}
+    if t.kd_weight > 0 and t.teacher_mode == "offline":  # the teacher's own tokens and top-k
+        wanted = {(r["example_id"], r.get("candidate", -1)) for r in mixture}
         cols = ["example_id", "candidate", "token_ids", "topk_ids", "topk_logprobs"]
-        for c in read_candidates(ctx.inputs["generate"], columns=cols):
-            if (c["example_id"], c["candidate"]) in wanted:
-                signals[(c["example_id"], c["candidate"])] = c
+        refs = ctx.inputs["generate"] / "shards" / "references.parquet"  # signals.score_references
+        scored = list(read_candidates(ctx.inputs["generate"], columns=cols))
+        if refs.exists():
+            import pyarrow.parquet as pq
+
+            scored += pq.read_table(refs, columns=cols).to_pylist()
+        signals = {(c["example_id"], c["candidate"]): c for c in scored if (c["example_id"], c["candidate"]) in wanted}
         if signals and len(tokenizer) < 1 + max(i for c in signals.values() for row in c["topk_ids"] for i in row):
             raise RuntimeError("KD needs the student to share the teacher's vocabulary (a pruned student does)")
     rows = {"train": [], "dev": []}
     for r in mixture:
-        prompt = generation.render(tokenizer, task.student_messages(examples[r["example_id"]]))
-        sig = signals.get((r["example_id"], r.get("candidate")))
+        ex = examples[r["example_id"]]
+        prompt = generation.render(tokenizer, task.student_messages(ex))
+        sig = signals.get((r["example_id"], r.get("candidate", -1)))
         completion, topk = (sig["token_ids"], (sig["topk_ids"], sig["topk_logprobs"])) if sig else (r["text"], None)
-        rows[r["split"]].append(encode(tokenizer, prompt, completion, t.max_length, weight[r["source"]], topk))
+        teacher_prompt = generation.render(tokenizer, task.teacher_messages(ex, cfg.teacher.context)) if teacher else None
+        lw = per_layer.get(r["layer"], 1.0) if r["split"] == "train" else 1.0
+        rows[r["split"]].append(encode(tokenizer, prompt, completion, t.max_length, source_weight[r["source"]] * lw,
+                                       topk, teacher_prompt, lw))  # fmt: skip
     ctx.counts["records_by_source"] = dict(collections.Counter(f"{r['split']}/{r['source']}" for r in mixture))
-    if not rows["train"]:
+    ctx.counts["kd_rows"] = sum(r["topk"] is not None or "teacher_ids" in r for r in rows["train"]) if t.kd_weight else 0
+    if len(rows["train"]) < world:
         raise RuntimeError(
             "no training records: nothing the teacher produced passed the verifiers (see select/card.json) "
-            "and the mixture has no other source (see mix/card.json)"
-        )
+            "and the mixture has no other source (see mix/card.json)" if not rows["train"] else
+            f"{len(rows['train'])} training records cannot be shared by {world} processes"
+        )  # fmt: skip
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     # 3) the loop
-    micro_per_epoch = math.ceil(len(rows["train"]) / t.batch_size)
-    total_steps = math.ceil(micro_per_epoch * t.epochs / t.grad_accum)
+    objective = Objective(model, kd_weight=t.kd_weight, kd_loss=t.kd_loss, kd_temperature=t.kd_temperature,
+                          kd_coef=t.kd_beta if t.kd_loss == "jsd" else t.kd_alpha, kd_tail=t.kd_tail, chunk=t.loss_chunk)  # fmt: skip
+    wrapped = torch.nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
+    group_size = t.batch_size * t.grad_accum * world  # rows per optimizer step, all processes together
+    steps_per_epoch = math.ceil(len(epoch_order(len(rows["train"]), 0, 0, world)) / group_size)
+    total_steps = steps_per_epoch * t.epochs
     warmup = max(1, int(t.warmup_fraction * total_steps))
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay, no_decay = [p for n, p in trainable if p.ndim >= 2], [p for n, p in trainable if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=t.lr)
+
+    scratch = ctx.dir / f".checkpoint-{ctx.key[:16]}"  # kept across a kill, dropped by --force
+    if dist.is_main():
+        for stale in ctx.dir.glob(".checkpoint-*"):
+            if stale != scratch:
+                shutil.rmtree(stale)
+        scratch.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    state = {"epoch": 0, "group": 0, "step": 0, "tokens": 0, "elapsed": 0.0, "log": [], "best_dev": None, "bad_evals": 0, "stopped": False}
+    if (scratch / "state.safetensors").exists():
+        state = checkpoints.load(scratch / "state.safetensors", model, opt)
+        ctx.counts["resumed_at_step"] = state["step"]
+
+    def checkpoint():
+        if dist.is_main():
+            checkpoints.save(scratch / "state.safetensors", model, opt, dict(state, elapsed=state["elapsed"] + time.time() - started))
+        dist.barrier()
+
+    def evaluate_dev() -> None:  # dev loss; remember the best weights; early stopping
+        dl = dev_loss(objective, rows["dev"], t.batch_size, pad_id, teacher, device)
+        state["log"].append({"step": state["step"], "epoch": epoch, "dev_loss": dl})
+        if dist.is_main():
+            progress.console.print(f"step {state['step']} (epoch {epoch}): dev loss {dl if dl is None else round(dl, 4)}")
+        if dl is None:
+            return
+        if state["best_dev"] is None or dl < state["best_dev"]:
+            state["best_dev"], state["best_step"], state["bad_evals"] = dl, state["step"], 0
+            if dist.is_main():
+                checkpoints.save_weights(scratch / "best.safetensors", model)
+        else:
+            state["bad_evals"] += 1
+            state["stopped"] = bool(t.early_stopping_patience and state["bad_evals"] >= t.early_stopping_patience)
+
     model.train()
-    log, step, seen_tokens, started = [], 0, 0, time.time()
-    with bar() as progress:
+    started = time.time()
+    with bar(enabled=dist.is_main()) as progress:
         job = add(progress, "train", total_steps, "step")
-        for epoch in range(t.epochs):
-            order = list(range(len(rows["train"])))
-            rng.shuffle(order)
-            micro = [order[i : i + t.batch_size] for i in range(0, len(order), t.batch_size)]
-            for g in range(0, len(micro), t.grad_accum):
-                group = micro[g : g + t.grad_accum]
-                batches = [collate([rows["train"][j] for j in idx], pad_id) for idx in group]
-                n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)  # normalizer of the step
+        progress.advance(job, state["step"])
+        for epoch in range(state["epoch"], t.epochs):
+            order = epoch_order(len(rows["train"]), cfg.run.seed, epoch, world)
+            groups = [order[i : i + group_size] for i in range(0, len(order), group_size)]
+            for g in range(state["group"], len(groups)):
+                mine = groups[g][rank::world]  # this process's share of the step
+                batches = [_to(collate([rows["train"][j] for j in mine[i : i + t.batch_size]], pad_id), device)
+                           for i in range(0, len(mine), t.batch_size)]  # fmt: skip
+                local_tokens = sum(completion_tokens(b) for b in batches)
+                n_tokens = dist.all_sum(local_tokens)  # normalizer of the whole step
                 for pg in opt.param_groups:
-                    pg["lr"] = t.lr * lr_at(step, total_steps, warmup, t.min_lr_ratio)
+                    pg["lr"] = t.lr * lr_at(state["step"], total_steps, warmup, t.min_lr_ratio)
                 step_loss = 0.0
-                for b in batches:  # sum over micro-batches, normalized by the step's token count
-                    loss_sum, _ = token_loss_sum(model, b, t.kd_weight, t.kd_temperature)
-                    loss = loss_sum / max(n_tokens, 1)
-                    loss.backward()
-                    step_loss += loss.item()
-                    seen_tokens += int(b["attention_mask"].sum())
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip).item()
+                for i, b in enumerate(batches):  # sum over micro-batches, normalized by the step's tokens
+                    sync = contextlib.nullcontext() if world == 1 or i == len(batches) - 1 else wrapped.no_sync()
+                    with sync:
+                        loss_sum = wrapped(b, teacher_targets(teacher, b))
+                        (loss_sum * world / max(n_tokens, 1)).backward()  # DDP averages over processes
+                    step_loss += loss_sum.item()
+                step_loss = dist.all_sum(step_loss) / max(n_tokens, 1)
+                grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], t.grad_clip).item()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                step += 1
-                tps = seen_tokens / (time.time() - started)
-                log.append({"step": step, "epoch": epoch, "loss": round(step_loss, 5), "grad_norm": round(grad_norm, 4),
-                            "lr": opt.param_groups[0]["lr"], "tokens_per_s": round(tps, 1)})  # fmt: skip
+                state["step"] += 1
+                state["group"] = g + 1
+                state["tokens"] += int(dist.all_sum(sum(int(b["attention_mask"].sum()) for b in batches)))
+                tps = state["tokens"] / (state["elapsed"] + time.time() - started)
+                state["log"].append({"step": state["step"], "epoch": epoch, "loss": round(step_loss, 5), "grad_norm": round(grad_norm, 4),
+                                     "lr": opt.param_groups[0]["lr"], "tokens_per_s": round(tps, 1)})  # fmt: skip
                 advance(progress, job, 1, info=f"loss {step_loss:.3f} {tps:.0f} tok/s")
-            dl = dev_loss(model, rows["dev"], t.batch_size, pad_id, t.kd_weight, t.kd_temperature)
-            log.append({"epoch_end": epoch, "dev_loss": dl})
-            progress.console.print(f"epoch {epoch}: train loss {step_loss:.4f}, dev loss {dl if dl is None else round(dl, 4)}")
+                if t.eval_every and state["step"] % t.eval_every == 0:
+                    evaluate_dev()
+                if state["stopped"]:
+                    break
+                if state["step"] % t.checkpoint_every == 0:
+                    checkpoint()
+            if state["stopped"]:
+                break
+            if not t.eval_every:
+                evaluate_dev()
+            state.update(epoch=epoch + 1, group=0)
+            if not state["stopped"]:
+                checkpoint()
+            else:
+                break
 
-    # 4) save
+    # 4) save: the best dev weights when asked, LoRA merged into a standard folder
+    elapsed = state["elapsed"] + time.time() - started
+    best = scratch / "best.safetensors"
+    restored = t.restore_best and state["best_dev"] is not None and best.exists()
+    if restored:
+        checkpoints.load_weights(best, model)
     model.eval()
-    models.save(model, tokenizer, ctx.dir / "model")
-    atomic.write_jsonl(ctx.dir / "log.jsonl", log)
-    ctx.timings["train_s"] = round(time.time() - started, 3)
+    if dist.is_main():
+        if t.lora is not None:
+            if t.lora.save_adapter:
+                with atomic.atomic_dir(ctx.dir / "adapter") as tmp:
+                    model.save_pretrained(tmp)
+            model = model.merge_and_unload()
+        models.save(model, tokenizer, ctx.dir / "model")
+        atomic.write_jsonl(ctx.dir / "log.jsonl", state["log"])
+    dist.barrier()
+    ctx.timings["train_s"] = round(elapsed, 3)
+    train_log = [r for r in state["log"] if "loss" in r]
     ctx.counts.update(
-        train_examples=len(rows["train"]), dev_examples=len(rows["dev"]), steps=step,
-        final_train_loss=log[-2]["loss"] if len(log) > 1 else None, final_dev_loss=log[-1]["dev_loss"],
-        tokens_per_s=round(seen_tokens / (time.time() - started), 1), params=models.n_params(model), **origin,
+        train_examples=len(rows["train"]), dev_examples=len(rows["dev"]), steps=state["step"], processes=world,
+        global_batch=group_size, final_train_loss=train_log[-1]["loss"] if train_log else None,
+        best_dev_loss=state["best_dev"], best_step=state.get("best_step"), restored_best=restored,
+        early_stopped=state["stopped"], tokens_per_s=round(state["tokens"] / max(elapsed, 1e-9), 1),
+        params=models.n_params(model), trainable_params=sum(p.numel() for _, p in trainable), **origin,
     )  # fmt: skip
+
