@@ -97,3 +97,26 @@ def test_validate_cli_exits_nonzero_and_never_imports_torch(tmp_path):
 
 def test_defaults_form_a_valid_pipeline():
     assert PipelineConfig().student.pruned_from == "teacher"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.teacher_mode=online", "train.kd_weight=1", "teacher.backend=openai", "teacher.url=http://x/v1",
+          "student.pruned_from=null", "student.model=default"], "teacher_mode: online runs the teacher"),
+        (["student.prune_by=importance", "student.keep_layers=[0, 3]"], "give keep_layers as a count"),
+        (["train.kd_weight=1", "signals.top_k=0"], "or use train.teacher_mode: online"),
+        (["train.kd_loss=kl"], "forward_kl"),
+        (["train.kd_beta=1.0"], "train.kd_beta"),
+        (["train.lora.r=0"], "train.lora.r"),
+    ],
+)
+def test_training_options_are_checked_before_anything_loads(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(DEMO, overrides)
+    assert message in "\n".join(e.value.problems)
+
+
+def test_online_kd_needs_no_stored_top_k():
+    cfg = load_config(DEMO, ["train.kd_weight=1", "train.teacher_mode=online", "signals.top_k=0", "train.kd_loss=jsd"])
+    assert cfg.train.teacher_mode == "online" and cfg.train.kd_loss == "jsd"
