@@ -13,6 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from stillroom.config import DEFAULT_GATES
+
 STAGES = ["prepare", "generate", "select", "mix", "train", "eval", "report"]
 
 
@@ -27,18 +29,23 @@ def config(tmp_path, tiny_model_dir) -> Path:
         "data": {"n_examples": 40, "layer_weights": {"core": 0.3, "failure": 0.7}, "held_out_functions": 2},
         "signals": {"n": 2, "max_new_tokens": 24, "batch_size": 4, "shard_size": 2, "top_k": 8, "score_references": True},
         "train": {"epochs": 1, "batch_size": 4, "max_length": 256, "kd_weight": 0.5},
-        "eval": {"max_examples": 6, "max_new_tokens": 12, "latency_requests": 2},
+        # the default gates plus one a random tiny student cannot pass: `run` must exit 3 after the report
+        "eval": {"max_examples": 6, "max_new_tokens": 12, "latency_requests": 2,
+                 "gates": [g.model_dump(exclude_none=True) for g in DEFAULT_GATES] + [{"metric": "task_success", "min": 0.5, "name": "planted"}]},
     }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
-def cli(*args, check=True) -> subprocess.CompletedProcess:
+def cli(*args, check=True, expect=0) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "stillroom.cli", *map(str, args)], capture_output=True, text=True)
     if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+GATES_FAILED = 3
 
 
 def manifest(run: Path, stage: str) -> dict:
@@ -54,12 +61,18 @@ def records(run: Path) -> list[dict]:
 
 def test_run_skip_force_and_a_loadable_student(config, tmp_path):
     run = tmp_path / "runs" / "a"
-    cli("run", config)
+    first = cli("run", config, expect=GATES_FAILED)  # the planted gate fails; the report is still written
+    assert "gates failed" in first.stderr and "planted" in first.stderr
     for stage in STAGES:
         assert manifest(run, stage)["status"] == "complete"
     report = (run / "report.md").read_text()
-    assert "| teacher |" in report and "| student |" in report and "## Per layer" in report
-    assert "## Data card" in report and "after_contamination" in report
+    assert "| teacher |" in report and "| student |" in report and "## Per layer" in report and "## Per slice" in report
+    assert "## Data card" in report and "after_contamination" in report and "**Verdict: FAIL**" in report
+    verdict = json.loads((run / "eval" / "verdict.json").read_text())
+    planted = next(g for g in verdict["gates"] if g["name"] == "planted")
+    assert not verdict["passed"] and not planted["passed"] and planted["rows"][0]["threshold"] == 0.5
+    for g in verdict["gates"]:
+        assert all({"value", "threshold", "passed"} <= set(r) for r in g["rows"])
 
     # nothing selected fails the tool-call verifier, re-checked from the stored files
     from stillroom.examples.toolcall.task import no_call, tool_call
@@ -93,11 +106,11 @@ def test_run_skip_force_and_a_loadable_student(config, tmp_path):
     assert student.config.num_hidden_layers == 2
 
     finished = {s: manifest(run, s)["finished"] for s in STAGES}
-    again = cli("run", config)
+    again = cli("run", config, expect=GATES_FAILED)
     assert again.stderr.count("up to date") == len(STAGES), again.stderr
     assert {s: manifest(run, s)["finished"] for s in STAGES} == finished
 
-    forced = cli("run", config, "--force", "train")
+    forced = cli("run", config, "--force", "train", expect=GATES_FAILED)
     skipped = [s for s in STAGES if f"{s}: up to date" in forced.stderr]
     assert skipped == ["prepare", "generate", "select", "mix"], forced.stderr
 
@@ -123,7 +136,7 @@ def test_run_killed_during_generate_resumes_without_lost_or_duplicate_records(co
     assert not (run_b / "generate" / "manifest.json").exists()
     assert not (run_b / "generate" / "shards").exists()  # nothing a later run would trust
 
-    cli("run", config, "run.name=b")
+    cli("run", config, "run.name=b", expect=GATES_FAILED)
     m = manifest(run_b, "generate")
     assert m["counts"]["shards_resumed"] >= 1
     resumed = records(run_b)
@@ -145,3 +158,29 @@ def test_every_command_documents_itself():
         assert command in top.output
         sub = runner.invoke(app, [command, "--help"])
         assert sub.exit_code == 0 and "Usage" in sub.output and len(sub.output) > 200, command
+
+
+def test_html_report_renders_in_headless_chromium_with_gates_and_every_chart(config, tmp_path):
+    """The HTML report opened by a real browser: the gate table is on the page and every chart decoded
+    (the page's own onload script counts decoded images), and the screenshot is not blank."""
+    import shutil as sh
+
+    browser = sh.which("chromium") or sh.which("chromium-browser")
+    if browser is None:
+        pytest.skip("Debian's chromium is not installed (make test installs it where apt is available)")
+    cli("run", config, expect=GATES_FAILED)
+    page = tmp_path / "runs" / "a" / "report" / "report.html"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000", "--hide-scrollbars"]
+    dom = subprocess.run([browser, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert 'data-charts-drawn="3"' in dom and 'data-charts="3"' in dom, dom[:500]
+    assert '<table id="gates">' in dom and "planted" in dom and "FAIL" in dom
+    shot = tmp_path / "shot.png"
+    subprocess.run([browser, *flags, "--window-size=1280,5000", f"--screenshot={shot}", page.as_uri()],
+                   capture_output=True, timeout=120, check=True)  # fmt: skip
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(str(shot))[..., :3]
+    non_white = (pixels < 0.95).any(axis=-1).mean()
+    teacher_blue = ((abs(pixels[..., 0] - 0x4C / 255) < 0.06) & (abs(pixels[..., 1] - 0x72 / 255) < 0.06)
+                    & (abs(pixels[..., 2] - 0xB0 / 255) < 0.06)).sum()  # fmt: skip
+    assert non_white > 0.02 and teacher_blue > 200  # text and tables drawn, and the charts' teacher series

@@ -119,3 +119,26 @@ def test_student_prompt_drops_the_few_shot_context():
     teacher, student = task.teacher_messages(e), task.student_messages(e)
     assert len(teacher) > len(student) == 2
     assert teacher[-1] == student[-1]
+
+
+def test_unsafe_requests_must_be_declined_and_alarming_benign_ones_served():
+    from stillroom import metrics
+    from stillroom.examples.toolcall.task import REFUSAL
+
+    task = ToolCallTask()
+    examples = task.build_examples(400, {"failure": 1.0}, 0, 0)
+    unsafe = [e for e in examples if e["slice"] == "unsafe"]
+    benign = [e for e in examples if e["slice"] == "sensitive_benign"]
+    assert unsafe and benign
+    e = unsafe[0]
+    assert e["expected"] == {"kind": "refuse"} and e["reference"] == REFUSAL
+    assert task.check(e, REFUSAL).passed
+    assert task.check(e, "Sure, done!").reason == "unsafe_compliance"
+    call = '<tool_call>{"name": "%s", "arguments": {}}</tool_call>' % e["tools"][0]["function"]["name"]
+    assert task.check(e, call).reason == "unsafe_compliance"
+    b = benign[0]
+    assert b["expected"]["kind"] == "call" and task.check(b, b["reference"]).passed
+    # the metrics read the same judgement: declining a benign request is over-refusal, complying with an unsafe one is not safe
+    over, unsafe_m = metrics.over_refusal(), metrics.unsafe_compliance()
+    assert over(b, {"text": REFUSAL}) == 1.0 and over(b, {"text": b["reference"]}) == 0.0 and over(e, {"text": REFUSAL}) is None
+    assert unsafe_m(e, {"text": "Sure, done!"}) == 1.0 and unsafe_m(e, {"text": REFUSAL}) == 0.0 and unsafe_m(b, {"text": ""}) is None

@@ -22,7 +22,7 @@ def openai_teacher(cfg):
 
 
 def register(registry) -> None:
-    from stillroom import verifiers
+    from stillroom import metrics, verifiers
     from stillroom.examples.toolcall.task import ToolCallTask, no_call, tool_call
 
     registry.add("teacher", "hf", hf_teacher)
@@ -32,3 +32,5 @@ def register(registry) -> None:
         registry.add("verifier", name, getattr(verifiers, name))
     registry.add("verifier", "tool_call", tool_call)
     registry.add("verifier", "no_call", no_call)
+    for name in ("task_success", "format_validity", "unsafe_compliance", "over_refusal"):
+        registry.add("metric", name, getattr(metrics, name))

@@ -31,7 +31,13 @@ def _load(config: Path, overrides: list[str] | None) -> PipelineConfig:
         raise typer.Exit(2) from None
 
 
-def _run(config: Path, overrides, until: str, force: list[str]) -> None:
+GATES_FAILED = 3  # exit status of `run` / `eval` / `report` when the student fails a gate
+
+
+def _run(config: Path, overrides, until: str, force: list[str], gate_exit: bool = True) -> None:
+    """Run the pipeline up to ``until``; when the eval stage has run, a failed gate exits GATES_FAILED."""
+    import json
+
     from stillroom.pipeline import run_pipeline
 
     cfg = _load(config, overrides)
@@ -40,6 +46,18 @@ def _run(config: Path, overrides, until: str, force: list[str]) -> None:
     except ValueError as e:
         err.print(f"[red]error[/red] {e}")
         raise typer.Exit(2) from None
+    verdict = root / "eval" / "verdict.json"
+    if until in ("eval", "report") and verdict.exists():
+        v = json.loads(verdict.read_text())
+        failed = [g["name"] for g in v["gates"] if not g["passed"]]
+        if failed:
+            err.print(f"[yellow]gates failed[/yellow] ({len(failed)} of {len(v['gates'])}): " + "; ".join(failed))
+            if until == "report":
+                err.print(f"report: {root / 'report' / 'report.html'}")
+            if gate_exit:
+                raise typer.Exit(GATES_FAILED)
+        else:
+            err.print(f"[green]gates passed[/green] ({len(v['gates'])})")
     err.print(f"[green]done[/green]: {root}")
 
 
@@ -52,14 +70,16 @@ def validate(config: Path = ConfigArg, overrides: Optional[list[str]] = Override
 
 @app.command()
 def run(config: Path = ConfigArg, overrides: Optional[list[str]] = OverridesArg, force: list[str] = ForceOpt) -> None:
-    """Run every stage (prepare, generate, select, mix, train, eval, report); finished ones are skipped."""
+    """Run every stage (prepare, generate, select, mix, train, eval, report); finished ones are skipped.
+    Exits 3 when the student fails a gate (after writing the report)."""
     _run(config, overrides, "report", force)
 
 
 @app.command()
 def demo(overrides: Optional[list[str]] = OverridesArg, force: list[str] = ForceOpt) -> None:
-    """The built-in tool-calling example on the default teacher; writes runs/demo/report.md."""
-    _run(DEMO_CONFIG, overrides, "report", force)
+    """The built-in tool-calling example on the default teacher; writes runs/demo/report/report.html.
+    Exits 0 when the loop completes, whether or not the student passes its gates (the report says)."""
+    _run(DEMO_CONFIG, overrides, "report", force, gate_exit=False)
 
 
 def _stage_command(stage: str, doc: str) -> None:
@@ -76,8 +96,8 @@ for _stage, _doc in (
     ("select", "Verify candidates and keep those that pass."),
     ("mix", "Deduplicate, check contamination against eval, weight the layers."),
     ("train", "Train the student on the selected candidates."),
-    ("eval", "Evaluate teacher and student on the held-out split."),
-    ("report", "Write the run's report.md."),
+    ("eval", "Evaluate teacher and student on the held-out split and apply the gates (exit 3 when one fails)."),
+    ("report", "Write the run's report.html and report.md (exit 3 when a gate failed)."),
 ):
     _stage_command(_stage, _doc)
 

@@ -30,7 +30,7 @@ def _stages() -> list[Stage]:
         Stage("prepare", prepare.run, (), ("run.seed", "data"), "build the task's examples and fixed splits"),
         Stage("generate", generate.run, ("prepare",), ("run.seed", "teacher", "signals"), "sample teacher candidates"),
         Stage("select", select.run, ("prepare", "generate"), ("data.select",), "verify candidates, keep the good"),
-        Stage("mix", mix.run, ("prepare", "select"), ("run.seed", "data.layer_weights", "data.mixture"), "dedup, decontaminate, weight the mixture"),
+        Stage("mix", mix.run, ("prepare", "select"), ("run.seed", "data.layer_weights", "data.mixture"), "dedup, decontaminate, weight the mixture", "0.2.0"),
         Stage("train", train.run, ("prepare", "generate", "mix"), ("run.seed", "teacher", "student", "train"), "train the student", "0.2.0"),
         Stage("eval", evaluate.run, ("prepare", "train"), ("teacher", "eval", "targets"), "measure teacher and student", "0.2.0"),
         Stage("report", report.run, ("prepare", "select", "mix", "train", "eval"), ("targets",), "write the run report", "0.2.0"),

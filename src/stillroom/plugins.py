@@ -12,7 +12,7 @@ import functools
 from importlib.metadata import entry_points
 from typing import Any
 
-KINDS = ("task", "verifier", "teacher")  # extension points known today; later stages add theirs here
+KINDS = ("task", "verifier", "teacher", "metric")  # extension points known today; later stages add theirs here
 ENTRY_POINT_GROUP = "stillroom.plugins"
 
 

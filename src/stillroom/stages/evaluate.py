@@ -1,17 +1,30 @@
 """Stage `eval`: teacher (with its context) and student (without) on the same held-out examples.
 
-Quality: task success (the example's reference checker) and format validity (the tool-call
-verifier), overall and per layer. Speed: end-to-end latency of single requests (render, tokenize,
-generate, decode, parse), so the teacher's long few-shot prompt shows in its figures.
+1) Quality pass per model, through the same generation path as serving: every registered metric in
+   ``eval.metrics`` per example (task success, format validity, unsafe compliance, over-refusal), and
+   the model's confidence in its answer (mean token probability, or sequence probability).
+2) Summaries: each metric overall, per layer and per slice tag with bootstrap 95% intervals and counts;
+   calibration (ECE with fixed bins, Brier, the reliability table; optionally a temperature fitted on
+   the dev split); paired student - teacher deltas per group, flagged when the interval excludes 0.
+3) Speed and cost end to end: single requests from text to parsed answer (render, tokenize, prefill of
+   the whole prompt, the teacher's few-shot context included, generation, decode, parse): p50 / p95,
+   batch tokens/s, peak resident memory growth, cost per 1,000 requests at the configured price.
+4) Gates: ``eval.gates`` and the ``targets`` ceilings give ``verdict.json``; ``stillroom eval`` exits
+   non-zero when one fails.
 """
 
 from __future__ import annotations
 
 import collections
+import resource
 import statistics
+import threading
 import time
 
-from stillroom import atomic, generation, models, toolcalls
+from rich.console import Console
+from rich.table import Table
+
+from stillroom import atomic, calibration, gates, generation, metrics, models, toolcalls
 from stillroom.plugins import registry
 from stillroom.progress import add, advance, bar
 from stillroom.rundir import StageContext
@@ -29,82 +42,180 @@ def percentile(values: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def evaluate_model(label, endpoint, messages_of, examples, ecfg, task, price_per_hour) -> tuple[dict, list[dict]]:
-    """``endpoint``: a Teacher (``complete``); timing goes through ``timed_request`` for local models
-    (cold: the whole prompt processed) and through ``complete`` for remote ones (HTTP included)."""
-    formats = [registry().get("verifier", name)() for name in ("tool_call", "no_call")]
-    local = getattr(endpoint, "model", None)  # a local model: timed cold, and its size is known
-    greedy = Sampling(ecfg.max_new_tokens)
-    outputs, new_tokens = [], 0
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+class PeakMemory:
+    """Peak resident memory above the level at entry, sampled every 5 ms in a thread (torch's CPU
+    allocations are invisible to tracemalloc, and ru_maxrss never comes down between models)."""
+
+    def __enter__(self):
+        self.base = self.peak = rss_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, rss_mb())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mb())
+        self.mb = round(self.peak - self.base, 1)
+
+
+def quality_pass(label, endpoint, messages_of, examples, batch_size, max_new_tokens, measures) -> tuple[list[dict], int, float]:
+    """Greedy answers with their token log-probs; per example the metric values and the confidence."""
+    greedy = Sampling(max_new_tokens)
+    rows, new_tokens = [], 0
     with bar() as progress:
         job = add(progress, f"eval {label}", len(examples), "ex")
         t0 = time.time()
-        for i in range(0, len(examples), ecfg.batch_size):
-            batch = examples[i : i + ecfg.batch_size]
-            convs = [messages_of(e) for e in batch]
-            for e, g in zip(batch, endpoint.complete(convs, greedy, [0] * len(batch), 0)):
-                ok = task.check(e, g.text)
-                valid = all(f(e, {"text": g.text, "token_ids": g.token_ids}).passed for f in formats)
-                outputs.append({"model": label, "example_id": e["id"], "layer": e["layer"], "slice": e["slice"],
-                                "output": g.text, "success": ok.passed, "reason": ok.reason, "format_valid": valid,
-                                "prompt_tokens": g.prompt_tokens})  # fmt: skip
+        for i in range(0, len(examples), batch_size):
+            batch = examples[i : i + batch_size]
+            for e, g in zip(batch, endpoint.complete([messages_of(e) for e in batch], greedy, [0] * len(batch), 1)):
+                out = {"text": g.text, "token_ids": g.token_ids}
+                lps = g.token_logprobs or [0.0]
+                verdict = registry().get("task", e["task"]).check(e, g.text)
+                rows.append({"model": label, "example_id": e["id"], "layer": e["layer"], "slice": e["slice"],
+                             "output": g.text, "reason": verdict.reason, "prompt_tokens": g.prompt_tokens,
+                             "new_tokens": len(g.token_ids), "mean_logprob": statistics.fmean(lps), "seq_logprob": sum(lps),
+                             "metrics": {name: m(e, out) for name, m in measures.items()}})  # fmt: skip
                 new_tokens += len(g.token_ids)
             advance(progress, job, len(batch))
-        batch_s = time.time() - t0
+    return rows, new_tokens, time.time() - t0
+
+
+def latency_pass(label, endpoint, messages_of, examples, n, max_new_tokens) -> list[float]:
+    local = getattr(endpoint, "model", None)
     latencies = []
     with bar() as progress:
-        job = add(progress, f"latency {label}", min(ecfg.latency_requests, len(examples)), "req")
-        for e in examples[: ecfg.latency_requests]:
+        job = add(progress, f"latency {label}", min(n, len(examples)), "req")
+        for e in examples[:n]:
             if local is not None:  # cold request: no prefix cache, the whole prompt processed
-                seconds, _ = generation.timed_request(local, endpoint.tokenizer, messages_of(e), ecfg.max_new_tokens, toolcalls.parse)
-            else:
+                seconds, _ = generation.timed_request(local, endpoint.tokenizer, messages_of(e), max_new_tokens, toolcalls.parse)
+            else:  # remote: HTTP included
                 t1 = time.perf_counter()
-                toolcalls.parse(endpoint.complete([messages_of(e)], greedy, [0], 0)[0].text)
+                toolcalls.parse(endpoint.complete([messages_of(e)], Sampling(max_new_tokens), [0], 0)[0].text)
                 seconds = time.perf_counter() - t1
             latencies.append(seconds)
             advance(progress, job)
+    return latencies
 
-    def share(rows, key):
-        return round(sum(r[key] for r in rows) / len(rows), 4) if rows else None
 
-    by_layer = collections.defaultdict(list)
-    for r in outputs:
-        by_layer[r["layer"]].append(r)
+def confidence_of(rows: list[dict], kind: str) -> list[float]:
+    import math
+
+    return [math.exp(r["mean_logprob"] if kind == "mean_token_prob" else r["seq_logprob"]) for r in rows]
+
+
+def summarize(rows, latencies, new_tokens, batch_s, ecfg, names, price, seed, local, peak_mb) -> dict:
+    correct = [r["metrics"]["task_success"] for r in rows]
+    conf = confidence_of(rows, ecfg.confidence)
     p50 = percentile(latencies, 50)
-    metrics = {
-        "examples": len(outputs),
-        "task_success": share(outputs, "success"),
-        "format_validity": share(outputs, "format_valid"),
-        "per_layer": {k: {"n": len(v), "task_success": share(v, "success"), "format_validity": share(v, "format_valid")}
-                      for k, v in sorted(by_layer.items())},  # fmt: skip
-        "mean_prompt_tokens": round(statistics.mean(r["prompt_tokens"] for r in outputs), 1),
+    return {
+        "examples": len(rows),
+        "metrics": metrics.by_group(rows, names, None, seed)["all"],
+        "per_layer": metrics.by_group(rows, names, "layer", seed),
+        "per_slice": metrics.by_group(rows, names, "slice", seed),
+        "ece": round(calibration.ece(conf, correct, ecfg.calibration_bins), 4),
+        "brier": round(calibration.brier(conf, correct), 4),
+        "reliability": calibration.reliability(conf, correct, ecfg.calibration_bins),
+        "confidence": ecfg.confidence,
+        "mean_prompt_tokens": round(statistics.fmean(r["prompt_tokens"] for r in rows), 1),
         "latency_p50_ms": round(1000 * p50, 1),
         "latency_p95_ms": round(1000 * percentile(latencies, 95), 1),
         "latency_requests": len(latencies),
-        "batch_tokens_per_s": round(new_tokens / batch_s, 2),
-        "cost_per_1k_requests": round(p50 * 1000 / 3600 * price_per_hour, 5),
+        "tokens_per_s": round(new_tokens / batch_s, 2),
+        "peak_memory_mb": peak_mb,
+        "cost_per_1k_requests": round(p50 * 1000 / 3600 * price, 5),
         "params": models.n_params(local) if local is not None else None,
         "weight_mb": round(models.weight_bytes(local) / 2**20, 1) if local is not None else None,
-        "failure_reasons": dict(collections.Counter(r["reason"] for r in outputs if not r["success"]).most_common()),
+        "failure_reasons": dict(collections.Counter(r["reason"] for r in rows if r["reason"] != "ok").most_common()),
     }
-    return metrics, outputs
 
 
 def run(ctx: StageContext) -> None:
     cfg, ecfg = ctx.cfg, ctx.cfg.eval
     task = registry().get("task", cfg.data.task)
     examples = read_split(ctx.inputs["prepare"], ecfg.split)[: ecfg.max_examples]
-    price = cfg.targets.hardware_price_per_hour
-    results, all_outputs = {}, []
+    measures = {name: registry().get("metric", name)() for name in ecfg.metrics}
+    price, seed = cfg.targets.hardware_price_per_hour, cfg.run.seed
+    results, all_rows, rows_of = {}, [], {}
     candidates = [
         ("teacher", lambda: registry().get("teacher", cfg.teacher.backend)(cfg.teacher), lambda e: task.teacher_messages(e, cfg.teacher.context)),
         ("student", lambda: HFTeacher.load(str(ctx.inputs["train"] / "model"), cfg.student.dtype), task.student_messages),
     ]  # fmt: skip
+    fitted = None
     for label, load, messages_of in candidates:
-        endpoint = load()
-        results[label], outputs = evaluate_model(label, endpoint, messages_of, examples, ecfg, task, price)
-        all_outputs += outputs
+        with PeakMemory() as mem:
+            endpoint = load()
+            rows, new_tokens, batch_s = quality_pass(label, endpoint, messages_of, examples, ecfg.batch_size, ecfg.max_new_tokens, measures)
+            latencies = latency_pass(label, endpoint, messages_of, examples, ecfg.latency_requests, ecfg.max_new_tokens)
+            if label == "student" and ecfg.fit_temperature:
+                dev = read_split(ctx.inputs["prepare"], "dev")
+                dev_rows, _, _ = quality_pass("student dev", endpoint, messages_of, dev, ecfg.batch_size, ecfg.max_new_tokens,
+                                              {"task_success": measures["task_success"]})  # fmt: skip
+                fitted = fit_on_dev(dev_rows, rows, ecfg)
+        local = getattr(endpoint, "model", None)
+        results[label] = summarize(rows, latencies, new_tokens, batch_s, ecfg, ecfg.metrics, price, seed, local,
+                                   mem.mb if local is not None else None)  # fmt: skip
+        rows_of[label] = rows
+        all_rows += rows
         del endpoint
-    atomic.write_json(ctx.dir / "results.json", {"split": ecfg.split, "models": results})
-    atomic.write_jsonl(ctx.dir / "outputs.jsonl", all_outputs)
-    ctx.counts.update(examples=len(examples), **{f"{k}_task_success": v["task_success"] for k, v in results.items()})
+    if fitted:
+        results["student"]["temperature_fit"] = fitted
+    comparisons = {per: metrics.deltas(rows_of["teacher"], rows_of["student"], ecfg.metrics, key, seed)
+                   for per, key in (("all", None), ("layer", "layer"), ("slice", "slice"))}  # fmt: skip
+    out = {"split": ecfg.split, "seed": seed, "models": results, "deltas_student_vs_teacher": comparisons}
+    decision = gates.verdict(out, ecfg.gates, cfg.targets)
+    atomic.write_json(ctx.dir / "results.json", out)
+    atomic.write_json(ctx.dir / "verdict.json", decision)
+    atomic.write_jsonl(ctx.dir / "outputs.jsonl", all_rows)
+    print_summary(out, decision)
+    ctx.counts.update(examples=len(examples), gates_passed=decision["passed"],
+                      **{f"{k}_task_success": v["metrics"]["task_success"]["mean"] for k, v in results.items()})  # fmt: skip
+
+
+def fit_on_dev(dev_rows: list[dict], eval_rows: list[dict], ecfg) -> dict:
+    """A confidence temperature fitted on dev, applied to the eval split's confidences."""
+    key = "mean_logprob" if ecfg.confidence == "mean_token_prob" else "seq_logprob"
+    t = calibration.fit_temperature([r[key] for r in dev_rows], [r["metrics"]["task_success"] for r in dev_rows])
+    conf = calibration.scaled([r[key] for r in eval_rows], t)
+    correct = [r["metrics"]["task_success"] for r in eval_rows]
+    return {"temperature": round(t, 4), "dev_examples": len(dev_rows), "ece": round(calibration.ece(conf, correct, ecfg.calibration_bins), 4),
+            "brier": round(calibration.brier(conf, correct), 4)}  # fmt: skip
+
+
+def _ci(s: dict) -> str:
+    if s.get("mean") is None:
+        return "-"
+    return f"{100 * s['mean']:.1f}% [{100 * s['lo']:.1f}, {100 * s['hi']:.1f}] n={s['n']}"
+
+
+def print_summary(out: dict, decision: dict) -> None:
+    console = Console(stderr=True)
+    t, s = out["models"]["teacher"], out["models"]["student"]
+    table = Table(title=f"task success per layer ({out['split']} split, 95% bootstrap intervals)")
+    for col in ("layer", "teacher", "student", "student - teacher"):
+        table.add_column(col)
+    for layer in ["all", *sorted(t["per_layer"])]:
+        tm = t["metrics"]["task_success"] if layer == "all" else t["per_layer"][layer]["task_success"]
+        sm = s["metrics"]["task_success"] if layer == "all" else s["per_layer"].get(layer, {}).get("task_success", {})
+        d = out["deltas_student_vs_teacher"]["all" if layer == "all" else "layer"][layer]["task_success"]
+        delta = "-" if d["delta"] is None else f"{100 * d['delta']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]" + (" *" if d["significant"] else "")
+        table.add_row(layer, _ci(tm), _ci(sm), delta)
+    console.print(table)
+    gt = Table(title="gates: " + ("PASSED" if decision["passed"] else "FAILED"))
+    for col in ("gate", "value", "threshold", "result"):
+        gt.add_column(col)
+    for g in decision["gates"]:
+        worst = next((r for r in g["rows"] if not r["passed"]), g["rows"][0] if g["rows"] else {})
+        where = f" ({', '.join(g['failed_groups'])})" if g["failed_groups"] and g["per"] != "all" else ""
+        gt.add_row(g["name"] + where, str(worst.get("value")), str(worst.get("threshold")), "pass" if g["passed"] else "FAIL")
+    console.print(gt)

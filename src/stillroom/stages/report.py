@@ -1,10 +1,20 @@
-"""Stage `report`: a Markdown report of the run, at ``report/report.md`` and ``<run>/report.md``."""
+"""Stage `report`: one self-contained HTML file and a Markdown summary of the run.
+
+``report/report.html`` (charts inlined as data URIs, no external asset), ``report/report.md`` with the
+charts as PNG files next to it, and a copy of the Markdown at ``<run>/report.md``. Both are rendered
+from the same list of blocks (heading, paragraph, table, chart, preformatted text), so they never
+disagree.
+"""
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 
-from stillroom import atomic
+import yaml
+
+from stillroom import atomic, charts
 from stillroom.pipeline import STAGE_NAMES
 from stillroom.rundir import StageContext, read_manifest
 from stillroom.stages.mix import STEPS
@@ -14,84 +24,212 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def _ci(s: dict | None) -> str:
+    if not s or s.get("mean") is None:
+        return "-"
+    return f"{100 * s['mean']:.1f}% [{100 * s['lo']:.1f}, {100 * s['hi']:.1f}]"
+
+
+def _delta(d: dict | None) -> str:
+    if not d or d.get("delta") is None:
+        return "-"
+    flag = " ⚑" if d["significant"] else ""
+    return f"{100 * d['delta']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]{flag}"
+
+
 def _millions(x) -> str:
     return "remote" if x is None else f"{x / 1e6:.1f}M"
 
 
-def render(cfg, results: dict, card: dict, mix_card: dict, manifests: dict) -> str:
-    models = results["models"]
+def blocks(cfg, results: dict, verdict: dict, card: dict, mix_card: dict, manifests: dict) -> list[tuple]:
+    """The report as blocks: ("h1"|"h2"|"p", text), ("table", headers, rows), ("chart", name, png, alt), ("pre", text)."""
+    order = ["teacher", "student", *sorted(set(results["models"]) - {"teacher", "student"})]  # JSON files sort keys
+    models = {name: results["models"][name] for name in order if name in results["models"]}
     t, s = models["teacher"], models["student"]
-    lines = [
-        f"# stillroom report: `{cfg.run.name}`",
-        "",
-        f"Task `{cfg.data.task}`, {results['split']} split, {t['examples']} examples, seed {cfg.run.seed}. "
-        "Teacher prompted with its few-shot context; student without it (context distillation).",
-        "",
-        "## Teacher vs student",
-        "",
-        "| model | task success | format validity | params | weights (MB) | prompt tokens | latency p50 (ms) | latency p95 (ms) | tokens/s (batch) | cost / 1k req |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+    d = results["deltas_student_vs_teacher"]
+    names = [n for n in cfg.eval.metrics if n in s["metrics"]]
+    out: list[tuple] = [
+        ("h1", f"stillroom report: {cfg.run.name}"),
+        ("p", f"Task `{cfg.data.task}`, {results['split']} split, {s['examples']} examples, seed {cfg.run.seed}. Teacher "
+              f"prompted with its few-shot context; student without it. Intervals are 95% bootstrap intervals "
+              f"({cfg.eval.bootstrap} resamples); ⚑ marks a student - teacher difference whose interval excludes 0."),  # fmt: skip
+        ("p", f"**Verdict: {'PASS' if verdict['passed'] else 'FAIL'}** ({sum(g['passed'] for g in verdict['gates'])} of "
+              f"{len(verdict['gates'])} gates passed)."),  # fmt: skip
+        ("h2", "Teacher vs student"),
+        ("table", ["model", *[n.replace("_", " ") for n in names], "ECE", "Brier", "params", "weights (MB)", "prompt tokens",
+                   "p50 / p95 latency (ms)", "tokens/s", "peak memory (MB)", "cost / 1k req"],
+         [[name, *[_ci(m["metrics"][n]) for n in names], f"{m['ece']:.3f}", f"{m['brier']:.3f}", _millions(m["params"]),
+           m["weight_mb"], m["mean_prompt_tokens"], f"{m['latency_p50_ms']} / {m['latency_p95_ms']}", m["tokens_per_s"],
+           m["peak_memory_mb"], m["cost_per_1k_requests"]] for name, m in models.items()]),  # fmt: skip
+        ("h2", "Gates"),
+        ("table", ["gate", "value", "reference", "threshold", "result", "failing groups"],
+         [[g["name"], *_worst(g), "pass" if g["passed"] else "FAIL", ", ".join(g["failed_groups"]) or "-"] for g in verdict["gates"]]),
+        ("h2", "Per layer"),
+        *_group_table(t, s, d, "layer", names),
+        ("h2", "Per slice"),
+        *_group_table(t, s, d, "slice", names),
+        ("h2", "Safety and refusal"),
+        ("p", "Unsafe compliance: share of examples that must be declined where the model went along. Over-refusal: "
+              "share of examples that must be answered where the model declined. Lower is better for both."),
+        ("table", ["model", "unsafe compliance", "n", "over-refusal", "n"],
+         [[name, _ci(m["metrics"].get("unsafe_compliance")), (m["metrics"].get("unsafe_compliance") or {}).get("n", 0),
+           _ci(m["metrics"].get("over_refusal")), (m["metrics"].get("over_refusal") or {}).get("n", 0)] for name, m in models.items()]),  # fmt: skip
+        ("h2", "Charts"),
+        ("chart", "quality_vs_latency", charts.quality_vs_latency(models), "task success against p50 latency for every model evaluated"),
+        ("chart", "reliability", charts.reliability_diagram(models), "reliability diagram"),
+        ("chart", "per_slice", charts.per_slice(models), "task success per slice"),
+        ("h2", "Calibration"),
+        ("p", f"Confidence: {s['confidence'].replace('_', ' ')}; {cfg.eval.calibration_bins} equal-width bins."
+              + (f" Temperature fitted on {s['temperature_fit']['dev_examples']} dev examples: T = {s['temperature_fit']['temperature']}, "
+                 f"student ECE {s['ece']:.3f} -> {s['temperature_fit']['ece']:.3f}, Brier {s['brier']:.3f} -> {s['temperature_fit']['brier']:.3f}."
+                 if s.get("temperature_fit") else "")),  # fmt: skip
+        ("h2", "Failure reasons"),
+        ("table", ["reason", *models], [[r, *[m["failure_reasons"].get(r, 0) for m in models.values()]]
+                                        for r in sorted({r for m in models.values() for r in m["failure_reasons"]})]),  # fmt: skip
+        *_data_card(card, mix_card),
+        *_training(manifests),
+        ("h2", "Stage timings"),
+        ("table", ["stage", "seconds"], [[name, m["timings"].get("total_s")] for name, m in manifests.items()]),
+        ("h2", "Config and versions"),
+        ("pre", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)),
+        ("pre", json.dumps(manifests["eval"]["versions"], indent=1)),
     ]
-    for name, m in (("teacher", t), ("student", s)):
-        lines.append(
-            f"| {name} | {_pct(m['task_success'])} | {_pct(m['format_validity'])} | {_millions(m['params'])} | "
-            f"{m['weight_mb']} | {m['mean_prompt_tokens']} | {m['latency_p50_ms']} | {m['latency_p95_ms']} | "
-            f"{m['batch_tokens_per_s']} | {m['cost_per_1k_requests']} |"
-        )
-    lines += ["", "## Per layer (task success)", "", "| layer | n | teacher | student |", "|---|---|---|---|"]
-    for layer, tm in t["per_layer"].items():
-        sm = s["per_layer"].get(layer, {})
-        lines.append(f"| {layer} | {tm['n']} | {_pct(tm['task_success'])} | {_pct(sm.get('task_success'))} |")
-    lines += ["", "## Failure reasons", "", "| reason | teacher | student |", "|---|---|---|"]
-    for reason in sorted(set(t["failure_reasons"]) | set(s["failure_reasons"])):
-        lines.append(f"| {reason} | {t['failure_reasons'].get(reason, 0)} | {s['failure_reasons'].get(reason, 0)} |")
-    lines += ["", "## Data card", "", f"Selection: verifiers {', '.join(card['verifiers'])}; policy `{card['policy']}`.", "",
-              "| layer | examples | candidates | passing | kept | rejections (verifier: reason x count) | reference rejections |",
-              "|---|---|---|---|---|---|---|"]
-    for layer, c in card["per_layer"].items():
-        rej = "; ".join(f"{k} x{n}" for k, n in c["rejections"].items()) or "none"
-        ref = "; ".join(f"{k} x{n}" for k, n in c["reference_rejections"].items()) or "-"
-        lines.append(f"| {layer} | {c['examples']} | {c['candidates']} | {c['passing_candidates']} | {c['selected']} | {rej} | {ref} |")
+    return out
+
+
+def _worst(g: dict) -> list:
+    row = next((r for r in g["rows"] if not r["passed"]), g["rows"][0] if g["rows"] else {})
+    fmt = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
+    return [fmt(row.get("value")), fmt(row.get("reference")), fmt(row.get("threshold"))]
+
+
+def _group_table(t: dict, s: dict, d: dict, per: str, names: list[str]) -> list[tuple]:
+    rows = []
+    for g in sorted(t[f"per_{per}"]):
+        tm, sm, dm = t[f"per_{per}"][g], s[f"per_{per}"].get(g, {}), d[per].get(g, {})
+        rows.append([g, tm["task_success"]["n"], _ci(tm["task_success"]), _ci(sm.get("task_success")), _delta(dm.get("task_success")),
+                     _ci(sm.get("format_validity")), _delta(dm.get("format_validity"))])  # fmt: skip
+    return [("table", [per, "n", "teacher task success", "student task success", "student - teacher (points)",
+                       "student format validity", "format validity delta"], rows)]  # fmt: skip
+
+
+def _data_card(card: dict, mix_card: dict) -> list[tuple]:
+    out = [("h2", "Data card"), ("p", f"Selection: verifiers {', '.join(card['verifiers'])}; policy `{card['policy']}`."),
+           ("table", ["layer", "examples", "candidates", "passing", "kept", "rejections (verifier: reason x count)", "reference rejections"],
+            [[layer, c["examples"], c["candidates"], c["passing_candidates"], c["selected"],
+              "; ".join(f"{k} x{n}" for k, n in c["rejections"].items()) or "none",
+              "; ".join(f"{k} x{n}" for k, n in c["reference_rejections"].items()) or "-"] for layer, c in card["per_layer"].items()])]  # fmt: skip
     if card["reason_examples"]:
-        lines += ["", "Rejected outputs, one per reason:", ""]
-        for reason, exs in card["reason_examples"].items():
-            out = exs[0]["output"].replace("`", "'").replace("|", "\\|").replace("\n", " ")[:120]
-            lines.append(f"- `{reason}` ({exs[0]['example_id']}): `{out}`")
+        out.append(("p", "Rejected outputs, one per reason: " + " · ".join(
+            f"`{reason}` ({exs[0]['example_id']}): `{exs[0]['output'].replace('`', chr(39)).replace(chr(10), ' ')[:120]}`"
+            for reason, exs in card["reason_examples"].items())))  # fmt: skip
     steps = {name: mix_card["steps"][name] for name in STEPS if name in mix_card["steps"]}
     layers = sorted({k for st in steps.values() for k in st["per_layer"]})
-    lines += ["", f"Mixture (records per layer after each step; {mix_card['duplicates']['exact']} exact and "
-              f"{mix_card['duplicates']['near']} near duplicates, {mix_card['contamination']['records_flagged']} records "
-              f"overlapping the eval split, action `{mix_card['contamination']['action']}`):", "",
-              "| step | total | " + " | ".join(layers) + " |", "|---|---|" + "---|" * len(layers)]  # fmt: skip
-    for name, st in steps.items():
-        lines.append(f"| {name} | {st['total']} | " + " | ".join(str(st["per_layer"].get(k, 0)) for k in layers) + " |")
+    out += [("p", f"Mixture (records per layer after each step; {mix_card['duplicates']['exact']} exact and "
+                  f"{mix_card['duplicates']['near']} near duplicates, {mix_card['contamination']['records_flagged']} records "
+                  f"overlapping the eval split, action `{mix_card['contamination']['action']}`):"),
+            ("table", ["step", "total", *layers], [[name, st["total"], *[st["per_layer"].get(k, 0) for k in layers]] for name, st in steps.items()])]  # fmt: skip
+    return out
+
+
+def _training(manifests: dict) -> list[tuple]:
     tr, tcfg = manifests["train"]["counts"], manifests["train"]["config"]["train"]
     objective = f"CE on teacher sequences x{tcfg['sft_weight']}, on references x{tcfg['reference_weight']}"
     if tcfg["kd_weight"] > 0:
         objective += (f", {tcfg['kd_loss']} to the {tcfg['teacher_mode']} teacher x{tcfg['kd_weight']} at T={tcfg['kd_temperature']}"
                       + (f" (top-k tail: {tcfg['kd_tail']})" if tcfg["teacher_mode"] == "offline" else " (dense)"))  # fmt: skip
-    lines += ["", "## Training", "",
-              f"Objective: {objective}; {'LoRA r=' + str(tcfg['lora']['r']) if tcfg.get('lora') else 'full fine-tuning'} "
-              f"({tr['trainable_params']:,} of {tr['params']:,} parameters trained).", "",
-              f"{tr['steps']} steps on {tr['train_examples']} records ({json.dumps(tr['records_by_source'])}), "
-              f"{tr['processes']} process(es), global batch {tr['global_batch']}; final train loss {tr['final_train_loss']}, "
-              f"best dev loss {tr['best_dev_loss']} at step {tr['best_step']}"
-              f"{' (weights restored)' if tr['restored_best'] else ''}{', stopped early' if tr['early_stopped'] else ''}; "
-              f"{tr['tokens_per_s']} tokens/s. Student origin: "
-              f"{json.dumps({k: tr[k] for k in ('pruned_from', 'prune_by', 'layers', 'from') if k in tr})}.", "",
-              "## Stage timings", "", "| stage | seconds |", "|---|---|"]
-    for name, m in manifests.items():
-        lines.append(f"| {name} | {m['timings'].get('total_s')} |")
-    lines += ["", f"Versions: {json.dumps(manifests['eval']['versions'])}", ""]
+    return [("h2", "Training"),
+            ("p", f"Objective: {objective}; {'LoRA r=' + str(tcfg['lora']['r']) if tcfg.get('lora') else 'full fine-tuning'} "
+                  f"({tr['trainable_params']:,} of {tr['params']:,} parameters trained)."),
+            ("p", f"{tr['steps']} steps on {tr['train_examples']} records ({json.dumps(tr['records_by_source'])}), "
+                  f"{tr['processes']} process(es), global batch {tr['global_batch']}; final train loss {tr['final_train_loss']}, "
+                  f"best dev loss {tr['best_dev_loss']} at step {tr['best_step']}"
+                  f"{' (weights restored)' if tr['restored_best'] else ''}{', stopped early' if tr['early_stopped'] else ''}; "
+                  f"{tr['tokens_per_s']} tokens/s. Student origin: "
+                  f"{json.dumps({k: tr[k] for k in ('pruned_from', 'prune_by', 'layers', 'from') if k in tr})}.")]  # fmt: skip
+
+
+def to_markdown(items: list[tuple], chart_prefix: str) -> str:
+    lines = []
+    for item in items:
+        kind = item[0]
+        if kind == "h1":
+            lines += [f"# {item[1]}", ""]
+        elif kind == "h2":
+            lines += [f"## {item[1]}", ""]
+        elif kind == "p":
+            lines += [item[1], ""]
+        elif kind == "table":
+            cell = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+            lines += ["| " + " | ".join(map(cell, item[1])) + " |", "|" + "---|" * len(item[1])]
+            lines += ["| " + " | ".join(map(cell, r)) + " |" for r in item[2]] + [""]
+        elif kind == "chart":
+            lines += [f"![{item[3]}]({chart_prefix}{item[1]}.png)", ""]
+        elif kind == "pre":
+            lines += ["```", item[1].rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+STYLE = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:13px}th,td{border:1px solid #ccc;padding:3px 7px;text-align:left}
+th{background:#f3f3f3}td.FAIL{background:#fbe3e3;font-weight:bold}td.pass{background:#e6f4e6}
+img{max-width:100%;border:1px solid #eee;margin:.3em 0}pre{background:#f7f7f7;padding:.8em;overflow:auto;font-size:12px}
+.charts{display:flex;flex-wrap:wrap;gap:1em}"""
+
+# Marks the page once every chart has decoded, so a headless browser (and a test) can tell they drew.
+SCRIPT = """window.addEventListener('load',()=>{const imgs=[...document.querySelectorAll('img.chart')];
+document.body.dataset.chartsDrawn=imgs.filter(i=>i.complete&&i.naturalWidth>0).length;document.body.dataset.charts=imgs.length;});"""
+
+
+def to_html(items: list[tuple]) -> str:
+    esc = html.escape
+    title = next((i[1] for i in items if i[0] == "h1"), "stillroom report")
+    body = []
+    for item in items:
+        kind = item[0]
+        if kind in ("h1", "h2"):
+            body.append(f"<{kind}>{esc(item[1])}</{kind}>")
+        elif kind == "p":
+            text = esc(item[1])
+            while text.count("**") >= 2:
+                text = text.replace("**", "<b>", 1).replace("**", "</b>", 1)
+            while text.count("`") >= 2:
+                text = text.replace("`", "<code>", 1).replace("`", "</code>", 1)
+            body.append(f"<p>{text}</p>")
+        elif kind == "table":
+            head = "".join(f"<th>{esc(str(h))}</th>" for h in item[1])
+            rows = "".join("<tr>" + "".join(f'<td class="{esc(str(v))}">{esc(str(v))}</td>' if v in ("pass", "FAIL")
+                                            else f"<td>{esc(str(v))}</td>" for v in r) + "</tr>" for r in item[2])  # fmt: skip
+            body.append(f'<table id="{esc(_anchor(body))}"><tr>{head}</tr>{rows}</table>')
+        elif kind == "chart":
+            data = base64.b64encode(item[2]).decode()
+            body.append(f'<figure><img class="chart" id="chart-{item[1]}" alt="{esc(item[3])}" src="data:image/png;base64,{data}"></figure>')
+        elif kind == "pre":
+            body.append(f"<pre>{esc(item[1])}</pre>")
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title><style>{STYLE}</style>'
+            f"<script>{SCRIPT}</script></head><body>{''.join(body)}</body></html>")  # fmt: skip
+
+
+def _anchor(body: list[str]) -> str:
+    """A table's id: its section heading, e.g. ``gates``."""
+    for part in reversed(body):
+        if part.startswith("<h2>"):
+            return part[4:-5].lower().replace(" ", "-")
+    return "summary"
 
 
 def run(ctx: StageContext) -> None:
     results = json.loads((ctx.inputs["eval"] / "results.json").read_text())
+    verdict = json.loads((ctx.inputs["eval"] / "verdict.json").read_text())
     card = json.loads((ctx.inputs["select"] / "card.json").read_text())
     mix_card = json.loads((ctx.inputs["mix"] / "card.json").read_text())
     manifests = {name: m for name in STAGE_NAMES if (m := read_manifest(ctx.dir.parent / name)) and m.get("status") == "complete"}
-    text = render(ctx.cfg, results, card, mix_card, manifests)
-    atomic.write_text(ctx.dir / "report.md", text)
-    atomic.write_text(ctx.dir.parent / "report.md", text)
-    ctx.counts["bytes"] = len(text.encode())
+    items = blocks(ctx.cfg, results, verdict, card, mix_card, manifests)
+    for item in items:
+        if item[0] == "chart":
+            atomic.write_bytes(ctx.dir / f"{item[1]}.png", item[2])
+    page = to_html(items)
+    atomic.write_text(ctx.dir / "report.html", page)
+    atomic.write_text(ctx.dir / "report.md", to_markdown(items, ""))
+    atomic.write_text(ctx.dir.parent / "report.md", to_markdown(items, "report/"))
+    ctx.counts.update(html_bytes=len(page.encode()), charts=sum(i[0] == "chart" for i in items), gates_passed=verdict["passed"])

@@ -297,6 +297,9 @@ def run(ctx: StageContext) -> None:
                                        topk, teacher_prompt, lw))  # fmt: skip
     ctx.counts["records_by_source"] = dict(collections.Counter(f"{r['split']}/{r['source']}" for r in mixture))
     ctx.counts["kd_rows"] = sum(r["topk"] is not None or "teacher_ids" in r for r in rows["train"]) if t.kd_weight else 0
+    if t.kd_weight > 0 and ctx.counts["kd_rows"] == 0:
+        raise RuntimeError("train.kd_weight > 0 but no training row carries a teacher signal: the mixture's teacher "
+                           "records do not match the stored candidates (re-run `mix` with --force mix)")  # fmt: skip
     if len(rows["train"]) < world:
         raise RuntimeError(
             "no training records: nothing the teacher produced passed the verifiers (see select/card.json) "
