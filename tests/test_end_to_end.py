@@ -88,6 +88,9 @@ def test_run_skip_force_and_a_loadable_student(config, tmp_path):
     results = json.loads((run / "eval" / "results.json").read_text())["models"]
     assert results["student"]["params"] < results["teacher"]["params"]
     assert results["teacher"]["mean_prompt_tokens"] > results["student"]["mean_prompt_tokens"]  # the context
+    assert results["teacher"]["latency_p50_ms_without_context"] > 0  # the same requests timed without it
+    assert results["student"]["peak_memory_mb"] is not None and 0 <= results["student"]["ece"] <= 1
+    assert set(results["student"]["per_slice"]) == {r["slice"] for r in map(json.loads, (run / "eval" / "outputs.jsonl").open())}
 
     # the store opens with any Arrow tool, compact types included
     import pyarrow as pa

@@ -157,6 +157,9 @@ def run(ctx: StageContext) -> None:
             endpoint = load()
             rows, new_tokens, batch_s = quality_pass(label, endpoint, messages_of, examples, ecfg.batch_size, ecfg.max_new_tokens, measures)
             latencies = latency_pass(label, endpoint, messages_of, examples, ecfg.latency_requests, ecfg.max_new_tokens)
+            if label == "teacher" and cfg.teacher.context != "none" and ecfg.latency_requests:  # what the context costs
+                bare = latency_pass("teacher without context", endpoint, lambda e: task.teacher_messages(e, "none"),
+                                    examples, ecfg.latency_requests, ecfg.max_new_tokens)  # fmt: skip
             if label == "student" and ecfg.fit_temperature:
                 dev = read_split(ctx.inputs["prepare"], "dev")
                 dev_rows, _, _ = quality_pass("student dev", endpoint, messages_of, dev, ecfg.batch_size, ecfg.max_new_tokens,
@@ -165,6 +168,8 @@ def run(ctx: StageContext) -> None:
         local = getattr(endpoint, "model", None)
         results[label] = summarize(rows, latencies, new_tokens, batch_s, ecfg, ecfg.metrics, price, seed, local,
                                    mem.mb if local is not None else None)  # fmt: skip
+        if label == "teacher" and cfg.teacher.context != "none" and ecfg.latency_requests:
+            results[label]["latency_p50_ms_without_context"] = round(1000 * percentile(bare, 50), 1)
         rows_of[label] = rows
         all_rows += rows
         del endpoint

@@ -61,6 +61,9 @@ def blocks(cfg, results: dict, verdict: dict, card: dict, mix_card: dict, manife
          [[name, *[_ci(m["metrics"][n]) for n in names], f"{m['ece']:.3f}", f"{m['brier']:.3f}", _millions(m["params"]),
            m["weight_mb"], m["mean_prompt_tokens"], f"{m['latency_p50_ms']} / {m['latency_p95_ms']}", m["tokens_per_s"],
            m["peak_memory_mb"], m["cost_per_1k_requests"]] for name, m in models.items()]),  # fmt: skip
+        *([("p", f"The teacher's few-shot context is part of its latency: the same requests without it take "
+                 f"{t['latency_p50_ms_without_context']} ms at p50 against {t['latency_p50_ms']} ms with it "
+                 f"({t['mean_prompt_tokens']} prompt tokens on average with it).")] if t.get("latency_p50_ms_without_context") else []),
         ("h2", "Gates"),
         ("table", ["gate", "value", "reference", "threshold", "result", "failing groups"],
          [[g["name"], *_worst(g), "pass" if g["passed"] else "FAIL", ", ".join(g["failed_groups"]) or "-"] for g in verdict["gates"]]),
