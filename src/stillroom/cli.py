@@ -102,5 +102,97 @@ for _stage, _doc in (
     _stage_command(_stage, _doc)
 
 
+registry_app = typer.Typer(no_args_is_help=True, help="Student versions with lineage, aliases (production, candidate) and history.")
+app.add_typer(registry_app, name="registry")
+RegistryOpt = typer.Option(Path("registry"), "--registry", "-r", help="Registry folder (registry.sqlite and versions/).")
+AliasOpt = typer.Option("production", "--alias", "-a", help="Alias to move or serve.")
+
+
+def _registry_call(fn, *args, **kwargs):
+    from stillroom.registry import RegistryError
+
+    try:
+        return fn(*args, **kwargs)
+    except RegistryError as e:
+        err.print(f"[red]error[/red] {e}")
+        raise typer.Exit(2) from None
+
+
+@registry_app.command("register")
+def registry_register(run_dir: Path = typer.Argument(..., help="A finished run folder, e.g. runs/demo."), registry: Path = RegistryOpt) -> None:
+    """Copy a finished run's student into the registry as a new version, with teacher, config hash,
+    data-card hash and eval verdict."""
+    from stillroom import registry as reg
+
+    v = _registry_call(reg.register, registry, run_dir)
+    err.print(f"registered [bold]{v['name']}[/bold] from {run_dir} (gates {'passed' if v['gates_passed'] else 'FAILED'})")
+
+
+@registry_app.command("list")
+def registry_list(registry: Path = RegistryOpt) -> None:
+    """Every version with its aliases, gate verdict and headline figures."""
+    from rich.table import Table
+
+    from stillroom import registry as reg
+
+    table = Table()
+    for col in ("version", "aliases", "gates", "task success", "p95 ms", "teacher", "run"):
+        table.add_column(col)
+    for v in _registry_call(reg.versions, registry):
+        ts = v["summary"].get("task_success")
+        table.add_row(v["name"], ", ".join(v["aliases"]) or "-", "pass" if v["gates_passed"] else "FAIL",
+                      "-" if ts is None else f"{100 * ts:.1f}%", str(v["summary"].get("latency_p95_ms")), v["teacher"], v["run_dir"])  # fmt: skip
+    Console().print(table)
+
+
+@registry_app.command("promote")
+def registry_promote(
+    version: str = typer.Argument(..., help="Version name, e.g. v3."), alias: str = AliasOpt, registry: Path = RegistryOpt,
+    force: bool = typer.Option(False, "--force", help="Promote a version whose gates failed (needs --reason)."),
+    reason: Optional[str] = typer.Option(None, "--reason", help="Why; recorded with who forced it."),
+) -> None:  # fmt: skip
+    """Point an alias at a version; refuses a version whose gates failed unless --force --reason."""
+    from stillroom import registry as reg
+
+    _registry_call(reg.promote, registry, version, alias, force, reason)
+    err.print(f"{alias} -> [bold]{version}[/bold]")
+
+
+@registry_app.command("rollback")
+def registry_rollback(alias: str = AliasOpt, registry: Path = RegistryOpt) -> None:
+    """Move an alias back to the version it pointed to before its last promotion."""
+    from stillroom import registry as reg
+
+    v = _registry_call(reg.rollback, registry, alias)
+    err.print(f"{alias} -> [bold]{v['name']}[/bold] (rolled back)")
+
+
+@registry_app.command("history")
+def registry_history(registry: Path = RegistryOpt) -> None:
+    """Every registration, promotion and rollback: when, who, forced or not, why."""
+    import datetime
+
+    from stillroom import registry as reg
+
+    for e in _registry_call(reg.history, registry):
+        when = datetime.datetime.fromtimestamp(e["at"]).isoformat(timespec="seconds")
+        moved = f"{e['alias']}: {e['from_version'] or '-'} -> {e['to_version']}" if e["alias"] else f"{e['to_version']}"
+        forced = f" FORCED ({e['reason']})" if e["forced"] else ""
+        print(f"{when} {e['actor']} {e['action']} {moved}{forced}")
+
+
+@app.command()
+def serve(
+    registry: Path = RegistryOpt, alias: str = AliasOpt, host: str = typer.Option("127.0.0.1", help="Interface to bind."),
+    port: int = typer.Option(8000, help="Port."), poll: float = typer.Option(0.5, help="Seconds between alias checks (hot swap)."),
+) -> None:  # fmt: skip
+    """OpenAI-compatible /v1/chat/completions for a registry alias, with /health, /metrics and hot swap."""
+    from stillroom import registry as reg
+    from stillroom.serve import serve as run_server
+
+    _registry_call(reg.resolve, registry, alias)  # a clear error before anything loads
+    run_server(registry, alias, host, port, poll)
+
+
 if __name__ == "__main__":
     app()

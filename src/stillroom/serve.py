@@ -1,0 +1,194 @@
+"""The serving endpoint: OpenAI-compatible ``/v1/chat/completions`` for the registry's ``production``
+alias, with hot swap, request validation, ``/health`` and ``/metrics`` (FastAPI + uvicorn).
+
+Hot swap: a watcher thread reads the alias every ``poll_s``; when it names another version, the
+watcher loads that version beside the serving one and then replaces the server's pointer in one
+assignment. A request takes the pointer once, at its start, and finishes on that version even if a
+swap happens meanwhile; the old version is freed when its last request ends. Every response names
+the version that produced it (``model`` and the ``x-stillroom-version`` header).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_BODY_BYTES = 256 * 1024
+MAX_NEW_TOKENS = 512
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=32_000)
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    messages: list[Message] = Field(min_length=1, max_length=64)
+    max_tokens: int = Field(128, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    seed: int | None = None
+
+
+@dataclass
+class Slot:
+    """One loaded version. Immutable once built; the server swaps whole slots."""
+
+    version: str
+    model: object
+    tokenizer: object
+    loaded_at: float
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one forward at a time per model
+
+
+def load_slot(version: dict) -> Slot:
+    from stillroom import models
+
+    model, tokenizer = models.load(version["model_path"])
+    return Slot(version["name"], model, tokenizer, time.time())
+
+
+class Metrics:
+    """Counters and a latency histogram, rendered in the Prometheus text format."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = {}
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.latency_sum, self.latency_count, self.swaps, self.escalations = 0.0, 0, 0, 0
+
+    def observe(self, version: str, status: int, seconds: float | None) -> None:
+        with self.lock:
+            self.requests[(version, status)] = self.requests.get((version, status), 0) + 1
+            if seconds is not None:
+                self.buckets[next((i for i, b in enumerate(LATENCY_BUCKETS) if seconds <= b), len(LATENCY_BUCKETS))] += 1
+                self.latency_sum += seconds
+                self.latency_count += 1
+
+    def render(self, current: str | None) -> str:
+        with self.lock:
+            lines = ["# TYPE stillroom_requests_total counter"]
+            lines += [f'stillroom_requests_total{{version="{v}",status="{s}"}} {n}' for (v, s), n in sorted(self.requests.items())]
+            lines.append("# TYPE stillroom_request_seconds histogram")
+            cumulative = 0
+            for bound, n in zip([*map(str, LATENCY_BUCKETS), "+Inf"], self.buckets):
+                cumulative += n
+                lines.append(f'stillroom_request_seconds_bucket{{le="{bound}"}} {cumulative}')
+            lines += [f"stillroom_request_seconds_sum {self.latency_sum:.6f}", f"stillroom_request_seconds_count {self.latency_count}",
+                      "# TYPE stillroom_swaps_total counter", f"stillroom_swaps_total {self.swaps}",
+                      "# TYPE stillroom_escalations_total counter", f"stillroom_escalations_total {self.escalations}",
+                      f'stillroom_serving_version{{version="{current}"}} 1']  # fmt: skip
+            return "\n".join(lines) + "\n"
+
+
+def _error(status: int, message: str, kind: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+def create_app(registry_root: Path, alias: str = "production", poll_s: float = 0.5) -> FastAPI:
+    """The app; the first version loads before the app is returned, the watcher starts with it."""
+    from stillroom import generation, registry
+
+    app = FastAPI(title="stillroom serving")
+    state = {"slot": load_slot(registry.resolve(registry_root, alias)), "swaps": [], "error": None}
+    state["swaps"].append({"version": state["slot"].version, "at": state["slot"].loaded_at})
+    metrics = Metrics()
+    stop = threading.Event()
+
+    def watch() -> None:  # load the new version beside the old, then swap the pointer
+        while not stop.wait(poll_s):
+            try:
+                wanted = registry.resolve(registry_root, alias)
+                if wanted["name"] != state["slot"].version:
+                    slot = load_slot(wanted)
+                    state["slot"] = slot  # the swap: one reference assignment
+                    state["swaps"].append({"version": slot.version, "at": time.time()})
+                    metrics.swaps += 1
+                state["error"] = None
+            except Exception as e:  # keep serving the current version; report the problem on /health
+                state["error"] = f"{type(e).__name__}: {e}"
+
+    watcher = threading.Thread(target=watch, daemon=True, name="stillroom-watcher")
+    watcher.start()
+    app.state.stop = stop
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > MAX_BODY_BYTES):
+            metrics.observe("-", 413, None)
+            return _error(413, f"request body over {MAX_BODY_BYTES} bytes", "request_too_large")
+        if request.method == "POST" and size is None:
+            body = await request.body()
+            if len(body) > MAX_BODY_BYTES:
+                return _error(413, f"request body over {MAX_BODY_BYTES} bytes", "request_too_large")
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            metrics.observe("-", 400, None)
+            return _error(400, "the body is not valid JSON", "invalid_json")
+        detail = "; ".join(f"{'.'.join(str(x) for x in e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors)
+        metrics.observe("-", 422, None)
+        return _error(422, detail, "invalid_request")
+
+    @app.get("/health")
+    def health() -> dict:
+        slot = state["slot"]
+        return {"status": "ok" if state["error"] is None else "degraded", "alias": alias, "version": slot.version,
+                "swaps": state["swaps"], "error": state["error"]}  # fmt: skip
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def prometheus() -> str:
+        return metrics.render(state["slot"].version)
+
+    @app.get("/v1/models")
+    def list_models() -> dict:
+        return {"object": "list", "data": [{"id": alias, "object": "model", "owned_by": "stillroom", "version": state["slot"].version}]}
+
+    @app.post("/v1/chat/completions")
+    def chat(req: ChatRequest):
+        slot = state["slot"]  # taken once: a swap during this request does not touch it
+        if req.model not in (alias, slot.version, "stillroom"):
+            metrics.observe(slot.version, 404, None)
+            return _error(404, f"unknown model {req.model!r}; this server serves {alias!r} (now {slot.version})", "model_not_found")
+        t0 = time.perf_counter()
+        prompt = generation.render(slot.tokenizer, [m.model_dump() for m in req.messages])
+        sample = req.temperature > 0
+        with slot.lock:
+            g = generation.generate(slot.model, slot.tokenizer, [prompt], max_new_tokens=req.max_tokens, sample=sample,
+                                    temperature=req.temperature if sample else 1.0,
+                                    seeds=[req.seed if req.seed is not None else uuid.uuid4().int % 2**63])[0]  # fmt: skip
+        seconds = time.perf_counter() - t0
+        metrics.observe(slot.version, 200, seconds)
+        body = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()), "model": slot.version,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": g.text}, "finish_reason": "stop" if g.finished else "length"}],
+            "usage": {"prompt_tokens": g.prompt_tokens, "completion_tokens": len(g.token_ids), "total_tokens": g.prompt_tokens + len(g.token_ids)},
+        }  # fmt: skip
+        return JSONResponse(body, headers={"x-stillroom-version": slot.version})
+
+    return app
+
+
+def serve(registry_root: Path, alias: str, host: str, port: int, poll_s: float) -> None:
+    import uvicorn
+
+    app = create_app(registry_root, alias, poll_s)
+    print(json.dumps({"serving": alias, "url": f"http://{host}:{port}/v1"}), flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="info")
