@@ -15,7 +15,7 @@ import yaml
 
 from stillroom.config import DEFAULT_GATES
 
-STAGES = ["prepare", "generate", "select", "mix", "train", "eval", "report"]
+STAGES = ["prepare", "generate", "select", "mix", "train", "compress", "eval", "report"]
 
 
 @pytest.fixture
@@ -30,6 +30,8 @@ def config(tmp_path, tiny_model_dir) -> Path:
         "signals": {"n": 2, "max_new_tokens": 24, "batch_size": 4, "shard_size": 2, "top_k": 8, "score_references": True},
         "train": {"epochs": 1, "batch_size": 4, "max_length": 256, "kd_weight": 0.5},
         # the default gates plus one a random tiny student cannot pass: `run` must exit 3 after the report
+        "compress": {"quantize": "int8_dynamic"},
+        "route": {"enabled": True},
         "eval": {"max_examples": 6, "max_new_tokens": 12, "latency_requests": 2,
                  "gates": [g.model_dump(exclude_none=True) for g in DEFAULT_GATES] + [{"metric": "task_success", "min": 0.5, "name": "planted"}]},
     }
@@ -90,6 +92,11 @@ def test_run_skip_force_and_a_loadable_student(config, tmp_path):
     assert results["teacher"]["mean_prompt_tokens"] > results["student"]["mean_prompt_tokens"]  # the context
     assert results["teacher"]["latency_p50_ms_without_context"] > 0  # the same requests timed without it
     assert results["student"]["peak_memory_mb"] is not None and 0 <= results["student"]["ece"] <= 1
+    assert manifest(run, "compress")["counts"]["quantized_linear_layers"] == 2 * 7 + 1  # every Linear, the head included
+    assert results["student_int8"]["metrics"]["task_success"]["n"] == results["student"]["metrics"]["task_success"]["n"]
+    everything = json.loads((run / "eval" / "results.json").read_text())
+    assert 0 <= everything["cascade"]["eval"]["teacher_share"] <= 1 and everything["cascade"]["dev_examples"] > 0
+    assert "latency_p50_ratio" in everything["speed_student_int8_vs_student"]
     assert set(results["student"]["per_slice"]) == {r["slice"] for r in map(json.loads, (run / "eval" / "outputs.jsonl").open())}
 
     # the store opens with any Arrow tool, compact types included
@@ -175,7 +182,7 @@ def test_html_report_renders_in_headless_chromium_with_gates_and_every_chart(con
     page = tmp_path / "runs" / "a" / "report" / "report.html"
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000", "--hide-scrollbars"]
     dom = subprocess.run([browser, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
-    assert 'data-charts-drawn="3"' in dom and 'data-charts="3"' in dom, dom[:500]
+    assert 'data-charts-drawn="4"' in dom and 'data-charts="4"' in dom, dom[:500]  # quality/latency, reliability, slices, cascade
     assert '<table id="gates">' in dom and "planted" in dom and "FAIL" in dom
     shot = tmp_path / "shot.png"
     subprocess.run([browser, *flags, "--window-size=1280,5000", f"--screenshot={shot}", page.as_uri()],

@@ -127,3 +127,29 @@ def test_unknown_metric_is_a_config_error():
     with pytest.raises(ValueError) as e:
         EvalConfig(metrics=["task_success", "bleu"])
     assert "bleu" in str(e.value)
+
+
+def _route_rows(model: str, conf_success: list[tuple[float, int, int]]) -> list[dict]:
+    return [{"example_id": f"e{i}", "mean_logprob": math.log(c), "min_logprob": math.log(c), "seq_logprob": math.log(c),
+             "metrics": {"task_success": float(ok), "format_validity": float(valid)}} for i, (c, ok, valid) in enumerate(conf_success)]  # fmt: skip
+
+
+def test_cascade_threshold_reaches_the_target_with_the_fewest_teacher_answers():
+    from types import SimpleNamespace
+
+    from stillroom import routing
+
+    # the student is right when confident (>= 0.6) and wrong below; one confident answer is malformed
+    student = _route_rows("student", [(0.9, 1, 1), (0.8, 1, 1), (0.7, 0, 0), (0.6, 1, 1), (0.4, 0, 1), (0.3, 0, 1), (0.2, 0, 1), (0.1, 0, 1)])
+    teacher = _route_rows("teacher", [(0.5, 1, 1)] * 8)
+    points = routing.curve(student, teacher, "mean_token_prob", verifier=True)
+    assert points[0]["teacher_share"] == 1 / 8  # threshold 0: only the verifier escalates
+    assert points[-1]["teacher_share"] == 1.0 and points[-1]["task_success"] == 1.0
+    chosen, reached = routing.choose(points, target=1.0)
+    assert reached and chosen["task_success"] == 1.0 and chosen["teacher_share"] == 5 / 8  # the 4 unsure + the malformed one
+    assert 0.4 < chosen["threshold"] <= 0.6
+    without_verifier, _ = routing.choose(routing.curve(student, teacher, "mean_token_prob", verifier=False), target=1.0)
+    assert without_verifier["teacher_share"] > chosen["teacher_share"]  # must also escalate the confident malformed one
+    route = SimpleNamespace(signal="mean_token_prob", verifier=True, target="teacher")
+    fitted = routing.fit_and_evaluate({"student": student, "teacher": teacher}, {"student": student, "teacher": teacher}, route, 0)
+    assert fitted["target"] == 1.0 and fitted["eval"]["teacher_share"] == 5 / 8 and fitted["eval"]["task_success"]["mean"] == 1.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-COLORS = {"teacher": "#4c72b0", "student": "#dd8452"}
+COLORS = {"teacher": "#4c72b0", "student": "#dd8452", "student_int8": "#55a868", "cascade": "#8172b3"}
 
 
 def _png(fig) -> bytes:
@@ -78,4 +78,23 @@ def per_slice(models: dict[str, dict], metric: str = "task_success") -> bytes:
     ax.set_xticks(range(len(slices)), slices, rotation=35, ha="right", fontsize=8)
     ax.set(ylabel=f"{metric.replace('_', ' ')} (%)", title=f"{metric.replace('_', ' ')} per slice", ylim=(0, 105))
     ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def cascade_curve(cascade: dict, teacher: float | None, student: float | None) -> bytes:
+    """Held-out task success against the teacher's share of requests, over every threshold; the point
+    fitted on dev is marked; the two models alone are the reference lines."""
+    fig, ax = _figure()
+    for name, pts, style in (("dev", cascade["dev_curve"], ":"), ("held-out", cascade["eval_curve"], "-")):
+        ax.plot([100 * p["teacher_share"] for p in pts], [100 * p["task_success"] for p in pts], ls=style, marker=".",
+                color=COLORS["cascade"], alpha=0.6 if name == "dev" else 1.0, label=f"cascade ({name})")  # fmt: skip
+    e = cascade["eval"]
+    ax.scatter([100 * e["teacher_share"]], [100 * e["task_success"]["mean"]], s=120, marker="*", color="black", zorder=5,
+               label=f"chosen on dev (threshold {cascade['threshold']:.3g})")  # fmt: skip
+    for value, name in ((teacher, "teacher"), (student, "student")):
+        if value is not None:
+            ax.axhline(100 * value, ls="--", lw=1, color=COLORS[name], label=f"{name} alone")
+    ax.set(xlabel="requests answered by the teacher (%)", ylabel="task success (%)", title="Cascade: quality vs teacher share",
+           xlim=(-2, 102), ylim=(-5, 105))  # fmt: skip
+    ax.legend(fontsize=8, loc="lower right")
     return _png(fig)

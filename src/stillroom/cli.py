@@ -96,6 +96,7 @@ for _stage, _doc in (
     ("select", "Verify candidates and keep those that pass."),
     ("mix", "Deduplicate, check contamination against eval, weight the layers."),
     ("train", "Train the student on the selected candidates."),
+    ("compress", "Write the student's inference recipe (compress.quantize)."),
     ("eval", "Evaluate teacher and student on the held-out split and apply the gates (exit 3 when one fails)."),
     ("report", "Write the run's report.html and report.md (exit 3 when a gate failed)."),
 ):

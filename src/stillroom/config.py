@@ -316,11 +316,23 @@ class EvalConfig(Section):
 
 
 class CompressConfig(Section):
-    quantize: Literal["none"] = "none"  # int8/int4 arrive with the compression stage
+    quantize: Literal["none", "int8_dynamic"] = "none"  # int8_dynamic: int8 weights in every Linear, activations quantized per call (CPU)
 
 
 class RouteConfig(Section):
-    enabled: bool = False  # cascade routing arrives with the serving stage
+    """The cascade: the student answers; the teacher answers instead when the student is unsure."""
+
+    enabled: bool = False  # fit and evaluate the cascade in the eval stage (runs both models on the dev split too)
+    signal: Literal["mean_token_prob", "min_token_prob", "seq_prob"] = "mean_token_prob"  # the student's confidence
+    verifier: bool = True  # also escalate when the student's answer fails the format verifiers
+    target: Literal["teacher"] | float = "teacher"  # dev task success to reach: the teacher's, or a share in [0, 1]
+
+    @field_validator("target")
+    @classmethod
+    def _share(cls, v):
+        if not isinstance(v, str) and not 0 <= v <= 1:
+            raise ValueError("must be `teacher` or a share between 0 and 1")
+        return v
 
 
 class PipelineConfig(Section):

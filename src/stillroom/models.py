@@ -175,14 +175,43 @@ def save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Pat
         tokenizer.save_pretrained(tmp)
 
 
+def load_quantized(spec: str, method: str, dtype: str = "float32"):
+    """A model folder loaded and quantized for inference: ``int8_dynamic`` (torch dynamic quantization of
+    every Linear to int8 weights, CPU) or ``none``."""
+    model, tokenizer = load(spec, dtype)
+    if method == "int8_dynamic":
+        import warnings
+
+        with warnings.catch_warnings():  # torch marks its quantized tensor creation deprecated; it works in this version
+            warnings.simplefilter("ignore")
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    elif method != "none":
+        raise ValueError(f"unknown quantization {method!r}")
+    return model.eval(), tokenizer
+
+
+def _quantized_linears(model) -> list:
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+
+    return [m for m in model.modules() if isinstance(m, DynamicQuantizedLinear)]
+
+
+def count_quantized(model) -> int:
+    return len(_quantized_linears(model))
+
+
 def n_params(model: PreTrainedModel) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
 def weight_bytes(model: PreTrainedModel) -> int:
+    """Bytes of distinct weights: parameters, plus the packed int8 weights of quantized Linear layers."""
     seen, total = set(), 0
     for p in model.parameters():
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())
             total += p.numel() * p.element_size()
+    for m in _quantized_linears(model):
+        w, b = m.weight(), m.bias()
+        total += w.numel() * w.element_size() + (b.numel() * b.element_size() if b is not None else 0)
     return total

@@ -1,6 +1,6 @@
 """The stage graph and the loop that runs it with caching.
 
-prepare -> generate -> select -> mix -> train -> eval -> report. Each stage is a plain function
+prepare -> generate -> select -> mix -> train -> compress -> eval -> report. Each stage is a plain function
 ``run(ctx)`` in ``stillroom.stages``; this module decides which ones to run: a stage is skipped when
 its manifest is complete, its key matches and its files are intact; ``force`` redoes a stage and
 everything downstream of it.
@@ -24,7 +24,7 @@ console = Console(stderr=True)
 
 def _stages() -> list[Stage]:
     # imported lazily: stage modules pull in torch, the config path must not
-    from stillroom.stages import evaluate, generate, mix, prepare, report, select, train
+    from stillroom.stages import compress, evaluate, generate, mix, prepare, report, select, train
 
     return [
         Stage("prepare", prepare.run, (), ("run.seed", "data"), "build the task's examples and fixed splits"),
@@ -32,12 +32,14 @@ def _stages() -> list[Stage]:
         Stage("select", select.run, ("prepare", "generate"), ("data.select",), "verify candidates, keep the good"),
         Stage("mix", mix.run, ("prepare", "select"), ("run.seed", "data.layer_weights", "data.mixture"), "dedup, decontaminate, weight the mixture", "0.2.0"),
         Stage("train", train.run, ("prepare", "generate", "mix"), ("run.seed", "teacher", "student", "train"), "train the student", "0.2.0"),
-        Stage("eval", evaluate.run, ("prepare", "train"), ("teacher", "eval", "targets"), "measure teacher and student", "0.2.0"),
-        Stage("report", report.run, ("prepare", "select", "mix", "train", "eval"), ("targets",), "write the run report", "0.2.0"),
+        Stage("compress", compress.run, ("train",), ("compress",), "write the student's inference recipe (quantization)"),
+        Stage("eval", evaluate.run, ("prepare", "train", "compress"), ("run.seed", "teacher", "student.dtype", "eval", "targets", "route"),
+              "measure teacher, student (and quantized student, cascade); apply the gates", "0.2.0"),
+        Stage("report", report.run, ("prepare", "select", "mix", "train", "eval"), ("targets", "eval"), "write the run report", "0.2.0"),
     ]
 
 
-STAGE_NAMES = ("prepare", "generate", "select", "mix", "train", "eval", "report")
+STAGE_NAMES = ("prepare", "generate", "select", "mix", "train", "compress", "eval", "report")
 
 
 def run_dir(cfg: PipelineConfig) -> Path:

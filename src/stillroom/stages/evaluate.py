@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import collections
+import json
 import resource
 import statistics
 import threading
@@ -24,7 +25,7 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from stillroom import atomic, calibration, gates, generation, metrics, models, toolcalls
+from stillroom import atomic, calibration, gates, generation, metrics, models, routing, toolcalls
 from stillroom.plugins import registry
 from stillroom.progress import add, advance, bar
 from stillroom.rundir import StageContext
@@ -85,6 +86,7 @@ def quality_pass(label, endpoint, messages_of, examples, batch_size, max_new_tok
                 rows.append({"model": label, "example_id": e["id"], "layer": e["layer"], "slice": e["slice"],
                              "output": g.text, "reason": verdict.reason, "prompt_tokens": g.prompt_tokens,
                              "new_tokens": len(g.token_ids), "mean_logprob": statistics.fmean(lps), "seq_logprob": sum(lps),
+                             "min_logprob": min(lps),
                              "metrics": {name: m(e, out) for name, m in measures.items()}})  # fmt: skip
                 new_tokens += len(g.token_ids)
             advance(progress, job, len(batch))
@@ -144,14 +146,18 @@ def run(ctx: StageContext) -> None:
     cfg, ecfg = ctx.cfg, ctx.cfg.eval
     task = registry().get("task", cfg.data.task)
     examples = read_split(ctx.inputs["prepare"], ecfg.split)[: ecfg.max_examples]
+    dev = read_split(ctx.inputs["prepare"], "dev") if (ecfg.fit_temperature or cfg.route.enabled) else []
     measures = {name: registry().get("metric", name)() for name in ecfg.metrics}
     price, seed = cfg.targets.hardware_price_per_hour, cfg.run.seed
-    results, all_rows, rows_of = {}, [], {}
+    quantize = json.loads((ctx.inputs["compress"] / "recipe.json").read_text())["method"]
+    student_dir = str(ctx.inputs["train"] / "model")
     candidates = [
         ("teacher", lambda: registry().get("teacher", cfg.teacher.backend)(cfg.teacher), lambda e: task.teacher_messages(e, cfg.teacher.context)),
-        ("student", lambda: HFTeacher.load(str(ctx.inputs["train"] / "model"), cfg.student.dtype), task.student_messages),
+        ("student", lambda: HFTeacher.load(student_dir, cfg.student.dtype), task.student_messages),
     ]  # fmt: skip
-    fitted = None
+    if quantize != "none":
+        candidates.append((f"student_{quantize.split('_')[0]}", lambda: HFTeacher.load(student_dir, "float32", quantize), task.student_messages))
+    results, all_rows, rows_of, dev_rows_of, extra = {}, [], {}, {}, {}
     for label, load, messages_of in candidates:
         with PeakMemory() as mem:
             endpoint = load()
@@ -160,24 +166,32 @@ def run(ctx: StageContext) -> None:
             if label == "teacher" and cfg.teacher.context != "none" and ecfg.latency_requests:  # what the context costs
                 bare = latency_pass("teacher without context", endpoint, lambda e: task.teacher_messages(e, "none"),
                                     examples, ecfg.latency_requests, ecfg.max_new_tokens)  # fmt: skip
-            if label == "student" and ecfg.fit_temperature:
-                dev = read_split(ctx.inputs["prepare"], "dev")
-                dev_rows, _, _ = quality_pass("student dev", endpoint, messages_of, dev, ecfg.batch_size, ecfg.max_new_tokens,
-                                              {"task_success": measures["task_success"]})  # fmt: skip
-                fitted = fit_on_dev(dev_rows, rows, ecfg)
+                extra["latency_p50_ms_without_context"] = round(1000 * percentile(bare, 50), 1)
+            if dev and label in ("teacher", "student"):  # for the temperature fit and the cascade threshold
+                dev_rows_of[label], _, _ = quality_pass(f"{label} dev", endpoint, messages_of, dev, ecfg.batch_size,
+                                                        ecfg.max_new_tokens, measures)  # fmt: skip
         local = getattr(endpoint, "model", None)
         results[label] = summarize(rows, latencies, new_tokens, batch_s, ecfg, ecfg.metrics, price, seed, local,
                                    mem.mb if local is not None else None)  # fmt: skip
-        if label == "teacher" and cfg.teacher.context != "none" and ecfg.latency_requests:
-            results[label]["latency_p50_ms_without_context"] = round(1000 * percentile(bare, 50), 1)
+        if label == "teacher":
+            results[label].update(extra)
         rows_of[label] = rows
         all_rows += rows
         del endpoint
-    if fitted:
-        results["student"]["temperature_fit"] = fitted
-    comparisons = {per: metrics.deltas(rows_of["teacher"], rows_of["student"], ecfg.metrics, key, seed)
-                   for per, key in (("all", None), ("layer", "layer"), ("slice", "slice"))}  # fmt: skip
-    out = {"split": ecfg.split, "seed": seed, "models": results, "deltas_student_vs_teacher": comparisons}
+    if ecfg.fit_temperature:
+        results["student"]["temperature_fit"] = fit_on_dev(dev_rows_of["student"], rows_of["student"], ecfg)
+    deltas = {per: metrics.deltas(rows_of["teacher"], rows_of["student"], ecfg.metrics, key, seed)
+              for per, key in (("all", None), ("layer", "layer"), ("slice", "slice"))}  # fmt: skip
+    out = {"split": ecfg.split, "seed": seed, "models": results, "deltas_student_vs_teacher": deltas}
+    for label in results:
+        if label.startswith("student_"):  # the quantized student against the float one, same examples
+            out[f"deltas_{label}_vs_student"] = {"all": metrics.deltas(rows_of["student"], rows_of[label], ecfg.metrics, None, seed)["all"]}
+            out[f"speed_{label}_vs_student"] = {
+                "latency_p50_ratio": round(results["student"]["latency_p50_ms"] / max(results[label]["latency_p50_ms"], 1e-9), 3),
+                "batch_tokens_per_s_ratio": round(results[label]["tokens_per_s"] / max(results["student"]["tokens_per_s"], 1e-9), 3),
+            }  # fmt: skip
+    if cfg.route.enabled:
+        out["cascade"] = routing.fit_and_evaluate(dev_rows_of, rows_of, cfg.route, seed)
     decision = gates.verdict(out, ecfg.gates, cfg.targets)
     atomic.write_json(ctx.dir / "results.json", out)
     atomic.write_json(ctx.dir / "verdict.json", decision)

@@ -81,6 +81,7 @@ def blocks(cfg, results: dict, verdict: dict, card: dict, mix_card: dict, manife
         ("chart", "quality_vs_latency", charts.quality_vs_latency(models), "task success against p50 latency for every model evaluated"),
         ("chart", "reliability", charts.reliability_diagram(models), "reliability diagram"),
         ("chart", "per_slice", charts.per_slice(models), "task success per slice"),
+        *_compression_and_cascade(results, models),
         ("h2", "Calibration"),
         ("p", f"Confidence: {s['confidence'].replace('_', ' ')}; {cfg.eval.calibration_bins} equal-width bins."
               + (f" Temperature fitted on {s['temperature_fit']['dev_examples']} dev examples: T = {s['temperature_fit']['temperature']}, "
@@ -97,6 +98,33 @@ def blocks(cfg, results: dict, verdict: dict, card: dict, mix_card: dict, manife
         ("pre", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)),
         ("pre", json.dumps(manifests["eval"]["versions"], indent=1)),
     ]
+    return out
+
+
+def _compression_and_cascade(results: dict, models: dict) -> list[tuple]:
+    out = []
+    for label in models:
+        if label.startswith("student_"):
+            d, sp = results[f"deltas_{label}_vs_student"]["all"], results[f"speed_{label}_vs_student"]
+            out += [("h2", f"Quantized student ({label})"),
+                    ("p", f"Against the float student on the same examples: task success {_delta(d['task_success'])} points; "
+                          f"p50 latency {sp['latency_p50_ratio']}x faster, batch tokens/s {sp['batch_tokens_per_s_ratio']}x; "
+                          f"weights {models[label]['weight_mb']} MB against {models['student']['weight_mb']} MB.")]  # fmt: skip
+    c = results.get("cascade")
+    if c:
+        t = models["teacher"]["metrics"]["task_success"]["mean"]
+        s = models["student"]["metrics"]["task_success"]["mean"]
+        out += [("h2", "Cascade"),
+                ("p", f"The student answers; the teacher answers instead when the student's {c['signal'].replace('_', ' ')} is below "
+                      f"{c['threshold']:.4g}{' or its answer fails the format verifiers' if c['verifier'] else ''}. The threshold was "
+                      f"fitted on {c['dev_examples']} dev examples to reach task success {_pct(c['target'])} "
+                      f"({'reached' if c['target_reached_on_dev'] else 'not reached: the best point was taken'}) with the fewest "
+                      f"teacher answers."),
+                ("table", ["", "task success", "teacher share"],
+                 [["cascade, dev (fit)", _pct(c["dev"]["task_success"]), _pct(c["dev"]["teacher_share"])],
+                  ["cascade, held-out", _ci(c["eval"]["task_success"]), _pct(c["eval"]["teacher_share"])],
+                  ["teacher alone, held-out", _pct(t), "100.0%"], ["student alone, held-out", _pct(s), "0.0%"]]),
+                ("chart", "cascade", charts.cascade_curve(c, t, s), "cascade task success against teacher share")]  # fmt: skip
     return out
 
 
