@@ -18,7 +18,7 @@ from stillroom import registry
 from stillroom.registry import RegistryError
 
 
-def make_run(root: Path, name: str, seed: int, passed: bool, tokenizer_dir: Path) -> Path:
+def make_run(root: Path, name: str, seed: int, passed: bool, tokenizer_dir: Path, cascade: dict | None = None) -> Path:
     """A finished run's files as the pipeline writes them: a student folder, config, verdict, results."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -31,13 +31,14 @@ def make_run(root: Path, name: str, seed: int, passed: bool, tokenizer_dir: Path
                                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))  # fmt: skip
     model.save_pretrained(run / "train" / "model")
     tokenizer.save_pretrained(run / "train" / "model")
-    (run / "config.yaml").write_text(yaml.safe_dump({"run": {"name": name}, "teacher": {"backend": "hf", "model": "default"}}))
+    teacher = {"backend": "hf", "model": str(tokenizer_dir) if cascade else "default", "dtype": "float32"}
+    (run / "config.yaml").write_text(yaml.safe_dump({"run": {"name": name}, "teacher": teacher, "data": {"task": "toolcall"}}))
     gates = [{"name": "task success >= 95% of the teacher's", "passed": passed, "rows": []}]
     (run / "eval").mkdir(parents=True)
     (run / "eval" / "verdict.json").write_text(json.dumps({"passed": passed, "gates": gates}))
     (run / "eval" / "results.json").write_text(json.dumps({"models": {"student": {
         "metrics": {"task_success": {"mean": 0.9 if passed else 0.2}}, "latency_p50_ms": 10.0, "latency_p95_ms": 20.0, "ece": 0.05,
-        "params": 1}}}))  # fmt: skip
+        "params": 1}}, **({"cascade": cascade} if cascade else {})}))  # fmt: skip
     return run
 
 
@@ -223,3 +224,22 @@ def test_malformed_requests_get_a_4xx_with_a_message_and_the_server_keeps_servin
     assert r.status_code == status and message in r.json()["error"]["message"]
     with httpx.Client(timeout=60) as c:
         assert ask(c, url).status_code == 200
+
+
+def test_a_served_cascade_escalates_to_the_teacher_with_its_context(tmp_path, tiny_model_dir):
+    """A version registered with a fitted cascade: threshold above 1 sends every request to the teacher
+    (which sees the task's few-shot context: a longer prompt); threshold 0 without the verifier never does."""
+    from stillroom.serve import answer, load_slot
+
+    reg = tmp_path / "registry"
+    always = make_run(tmp_path, "always", 1, True, tiny_model_dir, {"threshold": 1.01, "signal": "mean_token_prob", "verifier": False})
+    never = make_run(tmp_path, "never", 1, True, tiny_model_dir, {"threshold": 0.0, "signal": "min_token_prob", "verifier": False})
+    registry.register(reg, always)
+    registry.register(reg, never)
+    messages = [{"role": "system", "content": "You are a function-calling assistant."}, {"role": "user", "content": "Wake me at 7."}]
+    up = answer(load_slot(registry.resolve(reg, "v1")), messages, 4)
+    stay = answer(load_slot(registry.resolve(reg, "v2")), messages, 4)
+    plain = answer(load_slot(registry.resolve(reg, "v1"), cascade=False), messages, 4)
+    assert up.served_by == "teacher" and 0 < up.confidence < 1.01
+    assert stay.served_by == "student" and plain.served_by == "student" and plain.confidence is None
+    assert up.prompt_tokens > stay.prompt_tokens + 100  # the teacher's rules and worked examples

@@ -186,13 +186,15 @@ def registry_history(registry: Path = RegistryOpt) -> None:
 def serve(
     registry: Path = RegistryOpt, alias: str = AliasOpt, host: str = typer.Option("127.0.0.1", help="Interface to bind."),
     port: int = typer.Option(8000, help="Port."), poll: float = typer.Option(0.5, help="Seconds between alias checks (hot swap)."),
+    cascade: bool = typer.Option(True, help="Serve the version's fitted cascade (student first, teacher when unsure) when it has one."),
 ) -> None:  # fmt: skip
-    """OpenAI-compatible /v1/chat/completions for a registry alias, with /health, /metrics and hot swap."""
+    """OpenAI-compatible /v1/chat/completions for a registry alias (single model or cascade), with
+    /health, /metrics (counts, latency histogram, escalations) and hot swap."""
     from stillroom import registry as reg
     from stillroom.serve import serve as run_server
 
     _registry_call(reg.resolve, registry, alias)  # a clear error before anything loads
-    run_server(registry, alias, host, port, poll)
+    run_server(registry, alias, host, port, poll, cascade)
 
 
 if __name__ == "__main__":

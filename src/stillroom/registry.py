@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS versions (
     weights_hash TEXT NOT NULL,
     gates_passed INTEGER NOT NULL,
     verdict TEXT NOT NULL,
-    summary TEXT NOT NULL
+    summary TEXT NOT NULL,
+    serving TEXT NOT NULL DEFAULT '{}'
 );
 CREATE TABLE IF NOT EXISTS aliases (
     alias TEXT PRIMARY KEY,
@@ -106,6 +107,14 @@ def register(root: Path, run_dir: Path, actor: str | None = None) -> dict:
     card = run_dir / "mix" / "card.json"
     summary = {k: results.get(k) for k in ("latency_p50_ms", "latency_p95_ms", "ece", "params")}
     summary["task_success"] = results["metrics"]["task_success"]["mean"]
+    everything = json.loads((run_dir / "eval" / "results.json").read_text())
+    recipe = run_dir / "compress" / "recipe.json"
+    serving = {  # what `stillroom serve` needs besides the weights
+        "task": cfg.get("data", {}).get("task", "toolcall"),
+        "quantize": json.loads(recipe.read_text())["method"] if recipe.exists() else "none",
+        "teacher": cfg["teacher"],
+        "cascade": {k: everything["cascade"][k] for k in ("threshold", "signal", "verifier")} if "cascade" in everything else None,
+    }
     with connect(root) as conn:
         n = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM versions").fetchone()[0]
         name = f"v{n}"
@@ -114,11 +123,11 @@ def register(root: Path, run_dir: Path, actor: str | None = None) -> dict:
             shutil.copytree(model, tmp, dirs_exist_ok=True)
         conn.execute(
             "INSERT INTO versions (name, model_path, created_at, run_dir, teacher, config_hash, data_card_hash, weights_hash,"
-            " gates_passed, verdict, summary) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            " gates_passed, verdict, summary, serving) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             (name, str(target.resolve()), time.time(), str(run_dir.resolve()),
              f"{cfg['teacher']['backend']}:{cfg['teacher']['model']}", sha256_file(run_dir / "config.yaml"),
              sha256_file(card) if card.exists() else None, sha256_file(target / "model.safetensors"),
-             int(verdict["passed"]), json.dumps(verdict), json.dumps(summary)),
+             int(verdict["passed"]), json.dumps(verdict), json.dumps(summary), json.dumps(serving)),
         )  # fmt: skip
         vid = conn.execute("SELECT id FROM versions WHERE name = ?", (name,)).fetchone()[0]
         _event(conn, "register", to_version=vid, actor=actor)
@@ -129,7 +138,7 @@ def _row(r: sqlite3.Row | None) -> dict | None:
     if r is None:
         return None
     d = dict(r)
-    d["verdict"], d["summary"] = json.loads(d["verdict"]), json.loads(d["summary"])
+    d["verdict"], d["summary"], d["serving"] = json.loads(d["verdict"]), json.loads(d["summary"]), json.loads(d["serving"])
     d["gates_passed"] = bool(d["gates_passed"])
     return d
 

@@ -16,7 +16,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -45,20 +45,86 @@ class ChatRequest(BaseModel):
 
 @dataclass
 class Slot:
-    """One loaded version. Immutable once built; the server swaps whole slots."""
+    """One loaded version (the student, quantized as registered, and for a cascade the teacher).
+    Immutable once built; the server swaps whole slots."""
 
     version: str
     model: object
     tokenizer: object
     loaded_at: float
     lock: threading.Lock = field(default_factory=threading.Lock)  # one forward at a time per model
+    cascade: dict | None = None  # threshold, signal, verifier (from the eval stage's fit)
+    teacher: tuple | None = None  # (model, tokenizer, lock), shared across slots
+    to_teacher: Callable[[list[dict]], list[dict]] | None = None  # the task's view of a request for the teacher
 
 
-def load_slot(version: dict) -> Slot:
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    finished: bool
+    prompt_tokens: int
+    completion_tokens: int
+    served_by: str  # "student" or "teacher"
+    confidence: float | None
+
+
+_TEACHERS: dict[str, tuple] = {}  # teacher spec -> (model, tokenizer, lock): loaded once per process
+
+
+def _teacher(spec: dict) -> tuple:
     from stillroom import models
 
-    model, tokenizer = models.load(version["model_path"])
-    return Slot(version["name"], model, tokenizer, time.time())
+    key = json.dumps(spec, sort_keys=True)
+    if key not in _TEACHERS:
+        if spec.get("backend", "hf") != "hf":
+            raise ValueError("a served cascade runs its teacher in process (teacher.backend: hf)")
+        model, tokenizer = models.load(spec["model"], spec.get("dtype", "float32"))
+        _TEACHERS[key] = (model, tokenizer, threading.Lock())
+    return _TEACHERS[key]
+
+
+def load_slot(version: dict, cascade: bool = True) -> Slot:
+    """A registry version ready to serve: its student (quantized when the version says so) and, when it
+    was registered with a fitted cascade and ``cascade`` is on, the teacher with the task's context."""
+    from stillroom import models
+    from stillroom.plugins import registry
+
+    serving = version.get("serving") or {}
+    model, tokenizer = models.load_quantized(version["model_path"], serving.get("quantize", "none"))
+    slot = Slot(version["name"], model, tokenizer, time.time())
+    if cascade and serving.get("cascade"):
+        slot.cascade, slot.teacher = serving["cascade"], _teacher(serving["teacher"])
+        slot.to_teacher = registry().get("task", serving["task"]).with_teacher_context
+    return slot
+
+
+def answer(slot: Slot, messages: list[dict], max_tokens: int, temperature: float = 0.0, seed: int | None = None) -> Answer:
+    """The serving path: the student answers; in a cascade the teacher answers instead when the
+    student's confidence is under the threshold or (verifier on) its output is not well formed."""
+    import math
+
+    from stillroom import generation, toolcalls
+    from stillroom.routing import SIGNALS
+
+    def run(model, tokenizer, lock, msgs, top_k):
+        sample = temperature > 0
+        with lock:
+            return generation.generate(model, tokenizer, [generation.render(tokenizer, msgs)], max_new_tokens=max_tokens,
+                                       sample=sample, temperature=temperature if sample else 1.0, top_k=top_k,
+                                       seeds=[seed if seed is not None else uuid.uuid4().int % 2**63])[0]  # fmt: skip
+
+    g = run(slot.model, slot.tokenizer, slot.lock, messages, 1 if slot.cascade else 0)
+    if slot.cascade is None:
+        return Answer(g.text, g.finished, g.prompt_tokens, len(g.token_ids), "student", None)
+    lps = g.token_logprobs or [0.0]
+    stat = {"mean_logprob": sum(lps) / len(lps), "min_logprob": min(lps), "seq_logprob": sum(lps)}[SIGNALS[slot.cascade["signal"]]]
+    conf = math.exp(stat)
+    malformed = slot.cascade["verifier"] and bool(toolcalls.parse(g.text).errors)
+    if conf >= slot.cascade["threshold"] and not malformed:
+        return Answer(g.text, g.finished, g.prompt_tokens, len(g.token_ids), "student", conf)
+    t_model, t_tokenizer, t_lock = slot.teacher
+    tg = run(t_model, t_tokenizer, t_lock, slot.to_teacher(messages), 0)
+    return Answer(tg.text, tg.finished, tg.prompt_tokens, len(tg.token_ids), "teacher", conf)
 
 
 class Metrics:
@@ -90,6 +156,8 @@ class Metrics:
             lines += [f"stillroom_request_seconds_sum {self.latency_sum:.6f}", f"stillroom_request_seconds_count {self.latency_count}",
                       "# TYPE stillroom_swaps_total counter", f"stillroom_swaps_total {self.swaps}",
                       "# TYPE stillroom_escalations_total counter", f"stillroom_escalations_total {self.escalations}",
+                      "# TYPE stillroom_escalation_rate gauge",
+                      f"stillroom_escalation_rate {self.escalations / max(1, self.latency_count):.6f}",
                       f'stillroom_serving_version{{version="{current}"}} 1']  # fmt: skip
             return "\n".join(lines) + "\n"
 
@@ -98,12 +166,12 @@ def _error(status: int, message: str, kind: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
 
-def create_app(registry_root: Path, alias: str = "production", poll_s: float = 0.5) -> FastAPI:
+def create_app(registry_root: Path, alias: str = "production", poll_s: float = 0.5, cascade: bool = True) -> FastAPI:
     """The app; the first version loads before the app is returned, the watcher starts with it."""
-    from stillroom import generation, registry
+    from stillroom import registry
 
     app = FastAPI(title="stillroom serving")
-    state = {"slot": load_slot(registry.resolve(registry_root, alias)), "swaps": [], "error": None}
+    state = {"slot": load_slot(registry.resolve(registry_root, alias), cascade), "swaps": [], "error": None}
     state["swaps"].append({"version": state["slot"].version, "at": state["slot"].loaded_at})
     metrics = Metrics()
     stop = threading.Event()
@@ -113,7 +181,7 @@ def create_app(registry_root: Path, alias: str = "production", poll_s: float = 0
             try:
                 wanted = registry.resolve(registry_root, alias)
                 if wanted["name"] != state["slot"].version:
-                    slot = load_slot(wanted)
+                    slot = load_slot(wanted, cascade)
                     state["slot"] = slot  # the swap: one reference assignment
                     state["swaps"].append({"version": slot.version, "at": time.time()})
                     metrics.swaps += 1
@@ -168,27 +236,26 @@ def create_app(registry_root: Path, alias: str = "production", poll_s: float = 0
             metrics.observe(slot.version, 404, None)
             return _error(404, f"unknown model {req.model!r}; this server serves {alias!r} (now {slot.version})", "model_not_found")
         t0 = time.perf_counter()
-        prompt = generation.render(slot.tokenizer, [m.model_dump() for m in req.messages])
-        sample = req.temperature > 0
-        with slot.lock:
-            g = generation.generate(slot.model, slot.tokenizer, [prompt], max_new_tokens=req.max_tokens, sample=sample,
-                                    temperature=req.temperature if sample else 1.0,
-                                    seeds=[req.seed if req.seed is not None else uuid.uuid4().int % 2**63])[0]  # fmt: skip
+        a = answer(slot, [m.model_dump() for m in req.messages], req.max_tokens, req.temperature, req.seed)
         seconds = time.perf_counter() - t0
         metrics.observe(slot.version, 200, seconds)
+        if a.served_by == "teacher":
+            with metrics.lock:
+                metrics.escalations += 1
         body = {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()), "model": slot.version,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": g.text}, "finish_reason": "stop" if g.finished else "length"}],
-            "usage": {"prompt_tokens": g.prompt_tokens, "completion_tokens": len(g.token_ids), "total_tokens": g.prompt_tokens + len(g.token_ids)},
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": a.text}, "finish_reason": "stop" if a.finished else "length"}],
+            "usage": {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens, "total_tokens": a.prompt_tokens + a.completion_tokens},
+            "stillroom": {"version": slot.version, "served_by": a.served_by, "confidence": a.confidence},
         }  # fmt: skip
         return JSONResponse(body, headers={"x-stillroom-version": slot.version})
 
     return app
 
 
-def serve(registry_root: Path, alias: str, host: str, port: int, poll_s: float) -> None:
+def serve(registry_root: Path, alias: str, host: str, port: int, poll_s: float, cascade: bool = True) -> None:
     import uvicorn
 
-    app = create_app(registry_root, alias, poll_s)
+    app = create_app(registry_root, alias, poll_s, cascade)
     print(json.dumps({"serving": alias, "url": f"http://{host}:{port}/v1"}), flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -37,6 +37,9 @@ class Task(Protocol):
     def check(self, example: dict, output: str) -> Verdict:
         """Task success: does ``output`` do what the example's reference says."""
 
+    def with_teacher_context(self, messages: list[dict]) -> list[dict]:
+        """A served conversation as the teacher sees it (its context added), for cascade escalation."""
+
 
 class Verifier(Protocol):
     def __call__(self, example: dict, candidate: dict) -> Verdict: ...

@@ -158,6 +158,7 @@ def run(ctx: StageContext) -> None:
     if quantize != "none":
         candidates.append((f"student_{quantize.split('_')[0]}", lambda: HFTeacher.load(student_dir, "float32", quantize), task.student_messages))
     results, all_rows, rows_of, dev_rows_of, extra = {}, [], {}, {}, {}
+    routed = candidates[-1][0]  # the cascade routes from the student that will be served: the quantized one when there is one
     for label, load, messages_of in candidates:
         with PeakMemory() as mem:
             endpoint = load()
@@ -167,7 +168,7 @@ def run(ctx: StageContext) -> None:
                 bare = latency_pass("teacher without context", endpoint, lambda e: task.teacher_messages(e, "none"),
                                     examples, ecfg.latency_requests, ecfg.max_new_tokens)  # fmt: skip
                 extra["latency_p50_ms_without_context"] = round(1000 * percentile(bare, 50), 1)
-            if dev and label in ("teacher", "student"):  # for the temperature fit and the cascade threshold
+            if dev and label in ("teacher", "student", routed):  # for the temperature fit and the cascade threshold
                 dev_rows_of[label], _, _ = quality_pass(f"{label} dev", endpoint, messages_of, dev, ecfg.batch_size,
                                                         ecfg.max_new_tokens, measures)  # fmt: skip
         local = getattr(endpoint, "model", None)
@@ -191,7 +192,8 @@ def run(ctx: StageContext) -> None:
                 "batch_tokens_per_s_ratio": round(results[label]["tokens_per_s"] / max(results["student"]["tokens_per_s"], 1e-9), 3),
             }  # fmt: skip
     if cfg.route.enabled:
-        out["cascade"] = routing.fit_and_evaluate(dev_rows_of, rows_of, cfg.route, seed)
+        pick = lambda rows: {"teacher": rows["teacher"], "student": rows[routed]}  # noqa: E731
+        out["cascade"] = {"student": routed, **routing.fit_and_evaluate(pick(dev_rows_of), pick(rows_of), cfg.route, seed)}
     decision = gates.verdict(out, ecfg.gates, cfg.targets)
     atomic.write_json(ctx.dir / "results.json", out)
     atomic.write_json(ctx.dir / "verdict.json", decision)

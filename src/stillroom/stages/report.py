@@ -115,7 +115,7 @@ def _compression_and_cascade(results: dict, models: dict) -> list[tuple]:
         t = models["teacher"]["metrics"]["task_success"]["mean"]
         s = models["student"]["metrics"]["task_success"]["mean"]
         out += [("h2", "Cascade"),
-                ("p", f"The student answers; the teacher answers instead when the student's {c['signal'].replace('_', ' ')} is below "
+                ("p", f"The student (`{c.get('student', 'student')}`) answers; the teacher answers instead when its {c['signal'].replace('_', ' ')} is below "
                       f"{c['threshold']:.4g}{' or its answer fails the format verifiers' if c['verifier'] else ''}. The threshold was "
                       f"fitted on {c['dev_examples']} dev examples to reach task success {_pct(c['target'])} "
                       f"({'reached' if c['target_reached_on_dev'] else 'not reached: the best point was taken'}) with the fewest "

@@ -322,6 +322,15 @@ class ToolCallTask:
     def student_messages(self, example: dict) -> list[dict]:
         return self.teacher_messages(example, context="none")
 
+    def with_teacher_context(self, messages: list[dict]) -> list[dict]:
+        """A served conversation (the student's view) as the teacher sees it: the rules as system prompt
+        and the worked examples before the user's turns. The cascade escalates with this."""
+        msgs = [{"role": "system", "content": RULES}]
+        for shot in FEW_SHOT:
+            msgs.append({"role": "user", "content": user_turn(shot["tools"], shot["request"])})
+            msgs.append({"role": "assistant", "content": shot["reply"]})
+        return msgs + [m for m in messages if m["role"] != "system"]
+
     # -- judging --------------------------------------------------------------------------------
 
     def check(self, example: dict, output: str) -> Verdict:
