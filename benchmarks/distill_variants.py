@@ -7,7 +7,9 @@ The base run (default: the demo's ``runs/demo``) is brought up to date through `
 variant gets a copy of those data stages (so teacher signals are generated once and every variant
 trains on the identical mixture), then runs train, eval and report under ``runs/<base>-<variant>``.
 Prints one JSON object: per variant, the overrides, seed, training steps, and held-out task success
-and format validity overall and per layer; also written to ``runs/<base>-variants.json``.
+(with its 95% bootstrap interval) and format validity overall and per layer, next to the teacher's on
+the same examples; also written to ``runs/<base>-variants.json``. A variant whose student fails its
+gates is a result (exit status 3 of `stillroom run`), not an error.
 """
 
 from __future__ import annotations
@@ -54,17 +56,31 @@ def main() -> None:
             if (target / stage).exists():
                 shutil.rmtree(target / stage)
             shutil.copytree(base / stage, target / stage, ignore=shutil.ignore_patterns(".*"))
-        subprocess.run([*stillroom, "run", str(config), *sets], check=True)
+        code = subprocess.run([*stillroom, "run", str(config), *sets]).returncode
+        if code not in (0, 3):  # 3: the run finished and a gate failed, which is a result, not an error
+            raise SystemExit(f"variant {name} failed with exit status {code}")
         results = json.loads((target / "eval" / "results.json").read_text())
         train = json.loads((target / "train" / "manifest.json").read_text())["counts"]
         student, teacher = results["models"]["student"], results["models"]["teacher"]
+        layer = lambda m: {k: v["task_success"] for k, v in m["per_layer"].items()}  # noqa: E731
         out["variants"][name] = {
-            "overrides": sets[len(args.set):-1], "run": str(target), "steps": train["steps"],
+            "overrides": sets[len(args.set):-1], "run": str(target), "steps": train["steps"], "kd_rows": train.get("kd_rows"),
             "final_train_loss": train["final_train_loss"], "best_dev_loss": train["best_dev_loss"],
-            "task_success": student["task_success"], "format_validity": student["format_validity"],
-            "per_layer": student["per_layer"], "failure_reasons": student["failure_reasons"],
-            "teacher_task_success": teacher["task_success"], "examples": student["examples"],
+            "task_success": student["metrics"]["task_success"], "format_validity": student["metrics"]["format_validity"],
+            "per_layer_task_success": layer(student), "failure_reasons": student["failure_reasons"],
+            "teacher_task_success": teacher["metrics"]["task_success"], "teacher_per_layer_task_success": layer(teacher),
+            "delta_vs_teacher": results["deltas_student_vs_teacher"]["all"]["all"]["task_success"],
+            "gates_passed": json.loads((target / "eval" / "verdict.json").read_text())["passed"],
         }  # fmt: skip
+    from stillroom.metrics import paired_delta
+
+    def student_success(name):  # per held-out example, from the variant's recorded answers
+        rows = map(json.loads, (Path(out["variants"][name]["run"]) / "eval" / "outputs.jsonl").open())
+        return {r["example_id"]: r["metrics"]["task_success"] for r in rows if r["model"] == "student"}
+
+    base_variant = next(iter(out["variants"]))
+    for name in list(out["variants"])[1:]:  # paired differences against the first variant, same examples
+        out["variants"][name][f"task_success_minus_{base_variant}"] = paired_delta(student_success(base_variant), student_success(name), out["seed"])
     text = json.dumps(out, indent=2)
     (base.parent / f"{base.name}-variants.json").write_text(text + "\n")
     print(text)
