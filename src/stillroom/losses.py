@@ -97,65 +97,75 @@ def sparse_divergence(
       Exact for any T, blind to student mass outside the top-k.
     """
     t = temperature
-    s_logits = student_logits.float() / t
+    s_logits = student_logits.float() if t == 1 else student_logits.float() / t  # no [N, V] copy at T = 1
     s_at = s_logits.gather(-1, topk_ids)  # [N, k]
     lp = topk_logprobs.float()
     if tail == "renormalize":
         teacher_lp, student_lp = torch.log_softmax(lp / t, -1), torch.log_softmax(s_at, -1)
     elif tail == "bucket":
-        t_tail = (-torch.logsumexp(lp, -1).exp().clamp_max(1.0)).log1p().clamp_min(TAIL_FLOOR)  # log(1 - sum p_k), [N]
+        t_tail = _log1m_sum_exp(lp)  # log(1 - sum p_k), [N]
         teacher_lp = torch.log_softmax(torch.cat([lp, t_tail[:, None]], -1) / t, -1)  # [N, k+1]
-        outside = s_logits.scatter(-1, topk_ids, float("-inf"))  # the tail's logits only
-        s_all = torch.logsumexp(s_logits, -1, keepdim=True)
-        s_tail = (torch.logsumexp(outside, -1, keepdim=True) - s_all).clamp_min(TAIL_FLOOR)  # exact student tail
-        student_lp = torch.cat([s_at - s_all, s_tail], -1)
+        s_lp = s_at - torch.logsumexp(s_logits, -1, keepdim=True)  # student log-probs at the k ids, [N, k]
+        student_lp = torch.cat([s_lp, _log1m_sum_exp(s_lp)[:, None]], -1)  # the student's tail from [N, k] only
     else:
         raise ValueError(f"unknown tail handling {tail!r}; choose bucket or renormalize")
     return divergence(teacher_lp, student_lp, kind, coef) * (t * t)
+
+
+def _log1m_sum_exp(lp: torch.Tensor) -> torch.Tensor:
+    """log(1 - sum_j exp(lp_j)) per row, [N, k] -> [N], floored at TAIL_FLOOR (float32 round-off of a
+    sum close to 1 would otherwise give log 0 or NaN)."""
+    mass = torch.logsumexp(lp, -1).exp().clamp(max=1 - 1e-7)
+    return torch.log1p(-mass).clamp_min(TAIL_FLOOR)
 
 
 ChunkLoss = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 
 class _FusedLinearLoss(torch.autograd.Function):
-    """Forward computes the loss chunk by chunk and, in the same pass, its gradients with respect to
-    the hidden states, weight and bias; backward only scales them. One chunk's logits are alive at a
-    time (the idea of Liger-Kernel's fused linear losses, written on plain autograd)."""
+    """Forward computes the loss chunk by chunk and, in the same pass, its gradients: autograd gives
+    d loss / d logits for the chunk ([n, V]); the projection's gradients follow by hand,
+    d hidden = g @ W and d W += g^T @ hidden (accumulated in place), so neither the projection's graph
+    nor a second [V, H] gradient buffer ever exists. Backward only scales the stored gradients.
+    (The idea of Liger-Kernel's fused linear losses, written on plain PyTorch.)"""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, loss_fn: ChunkLoss, chunk_size: int):
         wants = tuple(ctx.needs_input_grad[:3])
         grads = [torch.zeros_like(x) if want else None for x, want in zip((hidden, weight, bias), wants)]
-        w = weight.detach().requires_grad_(wants[1])
-        b = bias.detach().requires_grad_(wants[2]) if bias is not None else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             end = min(start + chunk_size, hidden.shape[0])
-            h = hidden[start:end].detach().requires_grad_(wants[0])
+            h = hidden[start:end]
+            logits = F.linear(h, weight, bias).float().requires_grad_(any(wants))
             with torch.enable_grad():
-                loss = loss_fn(F.linear(h, w, b).float(), start, end)
-            leaves = [x for x, want in zip((h, w, b), wants) if want]
-            if leaves and loss.requires_grad:
-                it = iter(torch.autograd.grad(loss, leaves))
+                loss = loss_fn(logits, start, end)
+            if any(wants) and loss.requires_grad:
+                (g,) = torch.autograd.grad(loss, [logits])  # [n, V]
+                g = g.to(hidden.dtype)
                 if wants[0]:
-                    grads[0][start:end] = next(it)
-                for i in (1, 2):
-                    if wants[i]:
-                        grads[i] += next(it)
+                    grads[0][start:end] = g @ weight
+                if wants[1]:
+                    grads[1].addmm_(g.t(), h)
+                if wants[2]:
+                    grads[2] += g.sum(0)
+                del g
             total += loss.detach()
+            del logits, loss
         ctx.save_for_backward(*[g for g in grads if g is not None])
         ctx.wants = wants
         return total
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        saved = iter(ctx.saved_tensors)
-        out = [next(saved) * grad_out if want else None for want in ctx.wants]
+        saved = iter(ctx.saved_tensors)  # scaled in place: no second [V, H] buffer (backward runs once)
+        out = [next(saved).mul_(grad_out) if want else None for want in ctx.wants]
         return out[0], out[1], out[2], None, None
 
 
 def fused_linear_loss(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, loss_fn: ChunkLoss, chunk_size: int = 1024
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, loss_fn: ChunkLoss, chunk_size: int = 256
 ) -> torch.Tensor:
     """``loss_fn`` summed over chunks of rows of ``hidden @ weight.T + bias``, without ever holding all logits.
 

@@ -108,7 +108,7 @@ def completion_tokens(batch: dict[str, torch.Tensor]) -> int:
 def completion_loss(
     student, batch: dict[str, torch.Tensor], teacher: tuple | None = None, *, kd_weight: float = 0.0,
     kd_loss: str = "forward_kl", kd_temperature: float = 1.0, kd_coef: float = 0.5, kd_tail: str = "bucket",
-    chunk: int = 1024,
+    chunk: int = 256,
 ) -> torch.Tensor:  # fmt: skip
     """The blended objective of one micro-batch, summed (not averaged) over its completion tokens.
 
@@ -130,7 +130,8 @@ def completion_loss(
         raise RuntimeError(f"teacher and student completion positions differ ({teacher[0].shape[0]} vs {h.shape[0]})")
 
     def chunk_loss(logits: torch.Tensor, s: int, e: int) -> torch.Tensor:
-        loss = (F.cross_entropy(logits, targets[s:e], reduction="none") * ce_w[s:e]).sum()
+        ce = torch.logsumexp(logits, -1) - logits.gather(-1, targets[s:e, None]).squeeze(-1)  # keeps no [n, V] log-softmax
+        loss = (ce * ce_w[s:e]).sum()
         if teacher is not None and kd_weight > 0:
             t_logits = F.linear(teacher[0][s:e], teacher[1], teacher[2])
             kd = dense_divergence(logits, t_logits, kd_loss, kd_temperature, kd_coef)
