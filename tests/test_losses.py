@@ -164,3 +164,16 @@ def test_kd_targets_line_up_with_the_completion_tokens(tiny_model_dir):
     assert n == sum(len(g.token_ids) + 1 for g in gens)
     assert abs(kd.item()) < 1e-3 * n
     assert off_by_one.item() > 100 * max(abs(kd.item()), 1e-4)
+
+
+def test_a_row_whose_prompt_fills_max_length_carries_no_kd_positions(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from stillroom.stages.train import collate, encode
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    topk = ([[1, 2]] * 4, [[-0.1, -2.0]] * 4)
+    long = encode(tokenizer, "word " * 40, [5, 6, 7], max_length=16, weight=1.0, topk=topk)  # the prompt alone is over 16
+    short = encode(tokenizer, "two words", [5, 6, 7], max_length=16, weight=1.0, topk=topk)
+    batch = collate([long, short], pad_id=0)
+    assert not batch["kd_mask"][0].any() and int(batch["kd_mask"][1].sum()) == 4  # 3 tokens + end of turn

@@ -90,7 +90,9 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         for i, r in enumerate(rows):
             if r["topk"] is not None:
                 start, tk_ids, tk_lp = r["topk"]
-                n = min(len(tk_ids), width - start, len(r["ids"]) - start)
+                n = max(0, min(len(tk_ids), width - start, len(r["ids"]) - start))  # 0: the prompt filled max_length
+                if n == 0:
+                    continue
                 batch["kd_ids"][i, start : start + n] = torch.tensor(tk_ids[:n])
                 batch["kd_logprobs"][i, start : start + n] = torch.tensor(tk_lp[:n], dtype=torch.float32)
                 batch["kd_mask"][i, start : start + n] = True
