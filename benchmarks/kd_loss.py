@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,29 +32,12 @@ import time
 IMPLS = ("naive_full_vocab", "ours_dense_chunked", "ours_sparse_topk", "liger_fused_linear_jsd")
 
 
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def reset_peak() -> None:
-    """Reset the kernel's high-water mark of this process's resident memory (Linux >= 4.0), so the
-    peak read afterwards belongs to the measured call, not to the setup before it."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def peak_mib() -> float:
-    with open("/proc/self/status") as f:
-        line = next(x for x in f if x.startswith("VmHWM:"))
-    return int(line.split()[1]) / 1024  # kB
-
-
 def measure(impl: str, n: int, vocab: int, hidden: int, k: int, repeats: int, chunk: int) -> dict:
     import torch
     import torch.nn.functional as F
 
     from stillroom.losses import dense_divergence, fused_linear_loss, sparse_divergence
+    from stillroom.memory import PeakMemory
 
     torch.manual_seed(0)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -98,13 +80,12 @@ def measure(impl: str, n: int, vocab: int, hidden: int, k: int, repeats: int, ch
     times, value, peaks = [], None, []
     for _ in range(repeats):
         hs, ws = h_s.clone().requires_grad_(True), w_s.clone().requires_grad_(True)
-        base = rss_mib()
-        reset_peak()
-        t0 = time.perf_counter()
-        loss = fn(hs, ws)
-        loss.backward()
-        times.append(time.perf_counter() - t0)
-        peaks.append(peak_mib() - base)
+        with PeakMemory() as mem:
+            t0 = time.perf_counter()
+            loss = fn(hs, ws)
+            loss.backward()
+            times.append(time.perf_counter() - t0)
+        peaks.append(mem.mb)
         value = float(loss)
         assert hs.grad is not None and ws.grad is not None and torch.isfinite(ws.grad).all()
         del hs, ws, loss

@@ -23,13 +23,6 @@ import time
 from pathlib import Path
 
 
-def percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    pos = (len(xs) - 1) * q / 100
-    lo, hi = int(pos), min(int(pos) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default="runs/demo")
@@ -41,6 +34,7 @@ def main() -> None:
     import yaml
 
     from stillroom import models
+    from stillroom.metrics import percentile
     from stillroom.plugins import registry
     from stillroom.serve import Slot, _teacher, answer
     from stillroom.stages.prepare import read_split

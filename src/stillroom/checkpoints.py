@@ -17,8 +17,13 @@ from safetensors.torch import load_file, safe_open, save_file
 from stillroom import atomic
 
 
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict as standalone tensors (safetensors refuses tensors that share storage, e.g. tied weights)."""
+    return {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+
+
 def save(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    tensors = {f"model.{k}": v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v for k, v in _weights(model).items()}
     opt = optimizer.state_dict()
     for index, per_param in opt["state"].items():
         for name, value in per_param.items():
@@ -47,7 +52,7 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
 
 def save_weights(path: Path, model: torch.nn.Module) -> None:
     with atomic.atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        save_file(_weights(model), str(tmp))
 
 
 def load_weights(path: Path, model: torch.nn.Module) -> None:

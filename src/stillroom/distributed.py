@@ -44,16 +44,16 @@ def device():
     return torch.device("cpu")
 
 
-def all_sum(value: float) -> float:
-    """The sum of a number over all processes (the value itself in a world of one)."""
+def all_sum(*values: float) -> list[float]:
+    """Each number summed over all processes, in one collective (the numbers themselves in a world of one)."""
     if world_size() == 1:
-        return value
+        return [float(v) for v in values]
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor([value], dtype=torch.float64, device=device() if dist.get_backend() == "nccl" else "cpu")
+    t = torch.tensor(values, dtype=torch.float64, device=device() if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t)
-    return float(t.item())
+    return t.tolist()
 
 
 def barrier() -> None:

@@ -63,6 +63,16 @@ def over_refusal() -> Measure:
     return measure
 
 
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile, q in [0, 100]."""
+    xs = sorted(values)
+    if not xs:
+        return float("nan")
+    pos = (len(xs) - 1) * q / 100
+    lo, hi = int(pos), min(int(pos) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
 def bootstrap_ci(values: list[float], seed: int = 0, n_boot: int = 1000, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean."""
     if not values:

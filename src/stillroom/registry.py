@@ -103,11 +103,11 @@ def register(root: Path, run_dir: Path, actor: str | None = None) -> dict:
 
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     verdict = json.loads(verdict_file.read_text())
-    results = json.loads((run_dir / "eval" / "results.json").read_text())["models"]["student"]
+    everything = json.loads((run_dir / "eval" / "results.json").read_text())
+    results = everything["models"]["student"]
     card = run_dir / "mix" / "card.json"
     summary = {k: results.get(k) for k in ("latency_p50_ms", "latency_p95_ms", "ece", "params")}
     summary["task_success"] = results["metrics"]["task_success"]["mean"]
-    everything = json.loads((run_dir / "eval" / "results.json").read_text())
     recipe = run_dir / "compress" / "recipe.json"
     serving = {  # what `stillroom serve` needs besides the weights
         "task": cfg.get("data", {}).get("task", "toolcall"),

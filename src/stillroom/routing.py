@@ -16,7 +16,14 @@ from stillroom import metrics
 SIGNALS = {"mean_token_prob": "mean_logprob", "min_token_prob": "min_logprob", "seq_prob": "seq_logprob"}
 
 
+def logprob_stats(token_logprobs: list[float] | None) -> dict[str, float]:
+    """The statistics a confidence signal reads, from the log-probs of the emitted tokens."""
+    lps = token_logprobs or [0.0]
+    return {"mean_logprob": sum(lps) / len(lps), "min_logprob": min(lps), "seq_logprob": sum(lps)}
+
+
 def confidence(row: dict, signal: str) -> float:
+    """``row``: anything carrying ``logprob_stats``' keys (an eval row, or the stats themselves)."""
     return math.exp(row[SIGNALS[signal]])
 
 

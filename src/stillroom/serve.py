@@ -101,10 +101,8 @@ def load_slot(version: dict, cascade: bool = True) -> Slot:
 def answer(slot: Slot, messages: list[dict], max_tokens: int, temperature: float = 0.0, seed: int | None = None) -> Answer:
     """The serving path: the student answers; in a cascade the teacher answers instead when the
     student's confidence is under the threshold or (verifier on) its output is not well formed."""
-    import math
-
     from stillroom import generation, toolcalls
-    from stillroom.routing import SIGNALS
+    from stillroom.routing import confidence, logprob_stats
 
     def run(model, tokenizer, lock, msgs, top_k):
         sample = temperature > 0
@@ -116,9 +114,7 @@ def answer(slot: Slot, messages: list[dict], max_tokens: int, temperature: float
     g = run(slot.model, slot.tokenizer, slot.lock, messages, 1 if slot.cascade else 0)
     if slot.cascade is None:
         return Answer(g.text, g.finished, g.prompt_tokens, len(g.token_ids), "student", None)
-    lps = g.token_logprobs or [0.0]
-    stat = {"mean_logprob": sum(lps) / len(lps), "min_logprob": min(lps), "seq_logprob": sum(lps)}[SIGNALS[slot.cascade["signal"]]]
-    conf = math.exp(stat)
+    conf = confidence(logprob_stats(g.token_logprobs), slot.cascade["signal"])
     malformed = slot.cascade["verifier"] and bool(toolcalls.parse(g.text).errors)
     if conf >= slot.cascade["threshold"] and not malformed:
         return Answer(g.text, g.finished, g.prompt_tokens, len(g.token_ids), "student", conf)
@@ -134,17 +130,18 @@ class Metrics:
         self.lock = threading.Lock()
         self.requests: dict[tuple[str, int], int] = {}
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
-        self.latency_sum, self.latency_count, self.swaps, self.escalations = 0.0, 0, 0, 0
+        self.latency_sum, self.latency_count, self.escalations = 0.0, 0, 0
 
-    def observe(self, version: str, status: int, seconds: float | None) -> None:
+    def observe(self, version: str, status: int, seconds: float | None, escalated: bool = False) -> None:
         with self.lock:
             self.requests[(version, status)] = self.requests.get((version, status), 0) + 1
+            self.escalations += escalated
             if seconds is not None:
                 self.buckets[next((i for i, b in enumerate(LATENCY_BUCKETS) if seconds <= b), len(LATENCY_BUCKETS))] += 1
                 self.latency_sum += seconds
                 self.latency_count += 1
 
-    def render(self, current: str | None) -> str:
+    def render(self, current: str | None, swaps: int) -> str:
         with self.lock:
             lines = ["# TYPE stillroom_requests_total counter"]
             lines += [f'stillroom_requests_total{{version="{v}",status="{s}"}} {n}' for (v, s), n in sorted(self.requests.items())]
@@ -154,7 +151,7 @@ class Metrics:
                 cumulative += n
                 lines.append(f'stillroom_request_seconds_bucket{{le="{bound}"}} {cumulative}')
             lines += [f"stillroom_request_seconds_sum {self.latency_sum:.6f}", f"stillroom_request_seconds_count {self.latency_count}",
-                      "# TYPE stillroom_swaps_total counter", f"stillroom_swaps_total {self.swaps}",
+                      "# TYPE stillroom_swaps_total counter", f"stillroom_swaps_total {swaps}",
                       "# TYPE stillroom_escalations_total counter", f"stillroom_escalations_total {self.escalations}",
                       "# TYPE stillroom_escalation_rate gauge",
                       f"stillroom_escalation_rate {self.escalations / max(1, self.latency_count):.6f}",
@@ -184,7 +181,6 @@ def create_app(registry_root: Path, alias: str = "production", poll_s: float = 0
                     slot = load_slot(wanted, cascade)
                     state["slot"] = slot  # the swap: one reference assignment
                     state["swaps"].append({"version": slot.version, "at": time.time()})
-                    metrics.swaps += 1
                 state["error"] = None
             except Exception as e:  # keep serving the current version; report the problem on /health
                 state["error"] = f"{type(e).__name__}: {e}"
@@ -223,7 +219,7 @@ def create_app(registry_root: Path, alias: str = "production", poll_s: float = 0
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def prometheus() -> str:
-        return metrics.render(state["slot"].version)
+        return metrics.render(state["slot"].version, len(state["swaps"]) - 1)  # the first entry is the initial load
 
     @app.get("/v1/models")
     def list_models() -> dict:
@@ -238,10 +234,7 @@ def create_app(registry_root: Path, alias: str = "production", poll_s: float = 0
         t0 = time.perf_counter()
         a = answer(slot, [m.model_dump() for m in req.messages], req.max_tokens, req.temperature, req.seed)
         seconds = time.perf_counter() - t0
-        metrics.observe(slot.version, 200, seconds)
-        if a.served_by == "teacher":
-            with metrics.lock:
-                metrics.escalations += 1
+        metrics.observe(slot.version, 200, seconds, escalated=a.served_by == "teacher")
         body = {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()), "model": slot.version,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": a.text}, "finish_reason": "stop" if a.finished else "length"}],

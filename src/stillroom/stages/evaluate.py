@@ -17,82 +17,20 @@ from __future__ import annotations
 
 import collections
 import json
-import resource
 import statistics
-import threading
 import time
 
 from rich.console import Console
 from rich.table import Table
 
 from stillroom import atomic, calibration, gates, generation, metrics, models, routing, toolcalls
+from stillroom.memory import PeakMemory
+from stillroom.metrics import percentile
 from stillroom.plugins import registry
 from stillroom.progress import add, advance, bar
 from stillroom.rundir import StageContext
 from stillroom.stages.prepare import read_split
 from stillroom.teachers import HFTeacher, Sampling
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile, q in [0, 100]."""
-    xs = sorted(values)
-    if not xs:
-        return float("nan")
-    pos = (len(xs) - 1) * q / 100
-    lo, hi = int(pos), min(int(pos) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def _release_free_memory() -> None:
-    """Give freed heap back to the system (glibc ``malloc_trim``) so the next model's resident memory
-    is not hidden inside what the previous model left behind."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class PeakMemory:
-    """Peak resident memory above the level at entry: the kernel's high-water mark, reset at entry
-    (Linux ``clear_refs``), with 5 ms sampling as a fallback (torch's CPU allocations are invisible to
-    tracemalloc). Freed memory is returned to the system first, so models measured one after another
-    in a process each show their own weights and activations."""
-
-    def __enter__(self):
-        _release_free_memory()
-        self.base = self.peak = rss_mb()
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.hwm = True
-        except OSError:
-            self.hwm = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, rss_mb())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_mb())
-        if self.hwm:
-            with open("/proc/self/status") as f:
-                self.peak = max(self.peak, int(next(x for x in f if x.startswith("VmHWM:")).split()[1]) / 1024)
-        self.mb = round(self.peak - self.base, 1)
 
 
 def quality_pass(label, endpoint, messages_of, examples, batch_size, max_new_tokens, measures) -> tuple[list[dict], int, float]:
@@ -106,12 +44,10 @@ def quality_pass(label, endpoint, messages_of, examples, batch_size, max_new_tok
             batch = examples[i : i + batch_size]
             for e, g in zip(batch, endpoint.complete([messages_of(e) for e in batch], greedy, [0] * len(batch), 1)):
                 out = {"text": g.text, "token_ids": g.token_ids}
-                lps = g.token_logprobs or [0.0]
                 verdict = registry().get("task", e["task"]).check(e, g.text)
                 rows.append({"model": label, "example_id": e["id"], "layer": e["layer"], "slice": e["slice"],
                              "output": g.text, "reason": verdict.reason, "prompt_tokens": g.prompt_tokens,
-                             "new_tokens": len(g.token_ids), "mean_logprob": statistics.fmean(lps), "seq_logprob": sum(lps),
-                             "min_logprob": min(lps),
+                             "new_tokens": len(g.token_ids), **routing.logprob_stats(g.token_logprobs),
                              "metrics": {name: m(e, out) for name, m in measures.items()}})  # fmt: skip
                 new_tokens += len(g.token_ids)
             advance(progress, job, len(batch))
@@ -135,15 +71,9 @@ def latency_pass(label, endpoint, messages_of, examples, n, max_new_tokens) -> l
     return latencies
 
 
-def confidence_of(rows: list[dict], kind: str) -> list[float]:
-    import math
-
-    return [math.exp(r["mean_logprob"] if kind == "mean_token_prob" else r["seq_logprob"]) for r in rows]
-
-
 def summarize(rows, latencies, new_tokens, batch_s, ecfg, names, price, seed, local, peak_mb) -> dict:
     correct = [r["metrics"]["task_success"] for r in rows]
-    conf = confidence_of(rows, ecfg.confidence)
+    conf = [routing.confidence(r, ecfg.confidence) for r in rows]
     p50 = percentile(latencies, 50)
     return {
         "examples": len(rows),
@@ -171,7 +101,6 @@ def run(ctx: StageContext) -> None:
     cfg, ecfg = ctx.cfg, ctx.cfg.eval
     task = registry().get("task", cfg.data.task)
     examples = read_split(ctx.inputs["prepare"], ecfg.split)[: ecfg.max_examples]
-    dev = read_split(ctx.inputs["prepare"], "dev") if (ecfg.fit_temperature or cfg.route.enabled) else []
     measures = {name: registry().get("metric", name)() for name in ecfg.metrics}
     price, seed = cfg.targets.hardware_price_per_hour, cfg.run.seed
     quantize = json.loads((ctx.inputs["compress"] / "recipe.json").read_text())["method"]
@@ -182,8 +111,10 @@ def run(ctx: StageContext) -> None:
     ]  # fmt: skip
     if quantize != "none":
         candidates.append((f"student_{quantize.split('_')[0]}", lambda: HFTeacher.load(student_dir, "float32", quantize), task.student_messages))
-    results, all_rows, rows_of, dev_rows_of, extra = {}, [], {}, {}, {}
+    results, rows_of, dev_rows_of, extra = {}, {}, {}, {}
     routed = candidates[-1][0]  # the cascade routes from the student that will be served: the quantized one when there is one
+    need_dev = ({"student"} if ecfg.fit_temperature else set()) | ({"teacher", routed} if cfg.route.enabled else set())
+    dev = read_split(ctx.inputs["prepare"], "dev") if need_dev else []
     for label, load, messages_of in candidates:
         with PeakMemory() as mem:
             endpoint = load()
@@ -193,7 +124,7 @@ def run(ctx: StageContext) -> None:
                 bare = latency_pass("teacher without context", endpoint, lambda e: task.teacher_messages(e, "none"),
                                     examples, ecfg.latency_requests, ecfg.max_new_tokens)  # fmt: skip
                 extra["latency_p50_ms_without_context"] = round(1000 * percentile(bare, 50), 1)
-            if dev and label in ("teacher", "student", routed):  # for the temperature fit and the cascade threshold
+            if label in need_dev:  # the temperature fit (student) and the cascade threshold (teacher, routed student)
                 dev_rows_of[label], _, _ = quality_pass(f"{label} dev", endpoint, messages_of, dev, ecfg.batch_size,
                                                         ecfg.max_new_tokens, measures)  # fmt: skip
         local = getattr(endpoint, "model", None)
@@ -202,7 +133,6 @@ def run(ctx: StageContext) -> None:
         if label == "teacher":
             results[label].update(extra)
         rows_of[label] = rows
-        all_rows += rows
         del endpoint
     if ecfg.fit_temperature:
         results["student"]["temperature_fit"] = fit_on_dev(dev_rows_of["student"], rows_of["student"], ecfg)
@@ -222,7 +152,7 @@ def run(ctx: StageContext) -> None:
     decision = gates.verdict(out, ecfg.gates, cfg.targets)
     atomic.write_json(ctx.dir / "results.json", out)
     atomic.write_json(ctx.dir / "verdict.json", decision)
-    atomic.write_jsonl(ctx.dir / "outputs.jsonl", all_rows)
+    atomic.write_jsonl(ctx.dir / "outputs.jsonl", [r for rows in rows_of.values() for r in rows])
     print_summary(out, decision)
     ctx.counts.update(examples=len(examples), gates_passed=decision["passed"],
                       **{f"{k}_task_success": v["metrics"]["task_success"]["mean"] for k, v in results.items()})  # fmt: skip
@@ -230,7 +160,7 @@ def run(ctx: StageContext) -> None:
 
 def fit_on_dev(dev_rows: list[dict], eval_rows: list[dict], ecfg) -> dict:
     """A confidence temperature fitted on dev, applied to the eval split's confidences."""
-    key = "mean_logprob" if ecfg.confidence == "mean_token_prob" else "seq_logprob"
+    key = routing.SIGNALS[ecfg.confidence]
     t = calibration.fit_temperature([r[key] for r in dev_rows], [r["metrics"]["task_success"] for r in dev_rows])
     conf = calibration.scaled([r[key] for r in eval_rows], t)
     correct = [r["metrics"]["task_success"] for r in eval_rows]

@@ -91,6 +91,12 @@ def read_candidates(generate_dir: Path, columns: list[str] | None = None, batch_
             yield from batch.to_pylist()
 
 
+def read_references(generate_dir: Path, columns: list[str] | None = None) -> list[dict]:
+    """The teacher-forced scores of the clean references (``signals.score_references``), or none."""
+    path = generate_dir / "shards" / "references.parquet"
+    return pq.read_table(path, columns=columns).to_pylist() if path.exists() else []
+
+
 def run(ctx: StageContext) -> None:
     cfg, s = ctx.cfg, ctx.cfg.signals
     task = registry().get("task", cfg.data.task)

@@ -34,7 +34,7 @@ from stillroom.losses import dense_divergence, fused_linear_loss, sparse_diverge
 from stillroom.plugins import registry
 from stillroom.progress import add, advance, bar
 from stillroom.rundir import StageContext
-from stillroom.stages.generate import read_candidates
+from stillroom.stages.generate import read_candidates, read_references
 from stillroom.stages.prepare import read_examples
 
 
@@ -194,14 +194,14 @@ def set_dropout(model, p: float) -> None:
 
 def build_student(cfg, sample_texts):
     """1) The student: pruned from the teacher's layers (evenly spaced, or the most important on
-    ``sample_texts(tokenizer)``), or loaded from a folder."""
+    ``sample_texts(tokenizer, n)``), or loaded from a folder."""
     s = cfg.student
     if s.pruned_from == "teacher":
         teacher, tokenizer = models.load(cfg.teacher.model, "float32")
         origin = {"pruned_from": cfg.teacher.model, "prune_by": s.prune_by}
         keep = s.keep_layers
         if s.prune_by == "importance":
-            scores = models.layer_importance(teacher, tokenizer, sample_texts(tokenizer)[: s.importance_samples])
+            scores = models.layer_importance(teacher, tokenizer, sample_texts(tokenizer, s.importance_samples))
             keep = models.most_important(scores, s.keep_layers)
             origin["layer_importance"] = [round(x, 5) for x in scores]
         student, layers = models.prune_depth(teacher, keep)
@@ -245,7 +245,6 @@ def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
 
 def run(ctx: StageContext) -> None:
     cfg, t = ctx.cfg, ctx.cfg.train
-    dist.init()
     world, rank, device = dist.world_size(), dist.rank(), dist.device()
     torch.manual_seed(cfg.run.seed)
     task = registry().get("task", cfg.data.task)
@@ -255,8 +254,8 @@ def run(ctx: StageContext) -> None:
     # 1) student
     t0 = time.time()
 
-    def sample_texts(tokenizer) -> list[str]:  # training rows as the student will see them
-        train = [r for r in mixture if r["split"] == "train"]
+    def sample_texts(tokenizer, n: int) -> list[str]:  # the first n training rows as the student will see them
+        train = [r for r in mixture if r["split"] == "train"][:n]
         return [generation.render(tokenizer, task.student_messages(examples[r["example_id"]])) + r["text"] for r in train]
 
     model, tokenizer, origin = build_student(cfg, sample_texts)
@@ -279,12 +278,7 @@ def run(ctx: StageContext) -> None:
     if t.kd_weight > 0 and t.teacher_mode == "offline":  # the teacher's own tokens and top-k
         wanted = {(r["example_id"], r.get("candidate", -1)) for r in mixture}
         cols = ["example_id", "candidate", "token_ids", "topk_ids", "topk_logprobs"]
-        refs = ctx.inputs["generate"] / "shards" / "references.parquet"  # signals.score_references
-        scored = list(read_candidates(ctx.inputs["generate"], columns=cols))
-        if refs.exists():
-            import pyarrow.parquet as pq
-
-            scored += pq.read_table(refs, columns=cols).to_pylist()
+        scored = [*read_candidates(ctx.inputs["generate"], columns=cols), *read_references(ctx.inputs["generate"], columns=cols)]
         signals = {(c["example_id"], c["candidate"]): c for c in scored if (c["example_id"], c["candidate"]) in wanted}
         if signals and len(tokenizer) < 1 + max(i for c in signals.values() for row in c["topk_ids"] for i in row):
             raise RuntimeError("KD needs the student to share the teacher's vocabulary (a pruned student does)")
@@ -367,8 +361,8 @@ def run(ctx: StageContext) -> None:
                 mine = groups[g][rank::world]  # this process's share of the step
                 batches = [_to(collate([rows["train"][j] for j in mine[i : i + t.batch_size]], pad_id), device)
                            for i in range(0, len(mine), t.batch_size)]  # fmt: skip
-                local_tokens = sum(completion_tokens(b) for b in batches)
-                n_tokens = dist.all_sum(local_tokens)  # normalizer of the whole step
+                local = (sum(completion_tokens(b) for b in batches), sum(int(b["attention_mask"].sum()) for b in batches))
+                n_tokens, step_tokens = dist.all_sum(*local)  # completion tokens: the step's normalizer; all tokens: throughput
                 for pg in opt.param_groups:
                     pg["lr"] = t.lr * lr_at(state["step"], total_steps, warmup, t.min_lr_ratio)
                 step_loss = 0.0
@@ -378,13 +372,13 @@ def run(ctx: StageContext) -> None:
                         loss_sum = wrapped(b, teacher_targets(teacher, b))
                         (loss_sum * world / max(n_tokens, 1)).backward()  # DDP averages over processes
                     step_loss += loss_sum.item()
-                step_loss = dist.all_sum(step_loss) / max(n_tokens, 1)
+                step_loss = dist.all_sum(step_loss)[0] / max(n_tokens, 1)
                 grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], t.grad_clip).item()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 state["step"] += 1
                 state["group"] = g + 1
-                state["tokens"] += int(dist.all_sum(sum(int(b["attention_mask"].sum()) for b in batches)))
+                state["tokens"] += int(step_tokens)
                 tps = state["tokens"] / (state["elapsed"] + time.time() - started)
                 state["log"].append({"step": state["step"], "epoch": epoch, "loss": round(step_loss, 5), "grad_norm": round(grad_norm, 4),
                                      "lr": opt.param_groups[0]["lr"], "tokens_per_s": round(tps, 1)})  # fmt: skip
