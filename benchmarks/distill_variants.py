@@ -1,15 +1,23 @@
 """Distillation variants on the same data, student, seed and step budget, measured on the held-out split.
 
-    python benchmarks/distill_variants.py                       # the demo: SFT-only vs KD + SFT
+    python benchmarks/distill_variants.py                       # one run per signal kind on the demo
     python benchmarks/distill_variants.py --variant name=train.kd_loss=jsd,train.kd_weight=1 ...
+
+The default variants are one per teacher-signal kind, each learning from the clean references plus its
+own signal, all with the same step budget (``train.max_steps``):
+sequence (teacher sequences, SFT), logit (the teacher's top-k, KD), preference (DPO on ranked pairs),
+tool_trace (the teacher's multi-step traces) and self (the `sequence` variant's student generates,
+verifiers and the teacher filter, capped share; evaluated against that student as `previous`).
 
 The base run (default: the demo's ``runs/demo``) is brought up to date through ``mix`` once; each
 variant gets a copy of those data stages (so teacher signals are generated once and every variant
-trains on the identical mixture), then runs train, eval and report under ``runs/<base>-<variant>``.
-Prints one JSON object: per variant, the overrides, seed, training steps, and held-out task success
-(with its 95% bootstrap interval) and format validity overall and per layer, next to the teacher's on
-the same examples; also written to ``runs/<base>-variants.json``. A variant whose student fails its
-gates is a result (exit status 3 of `stillroom run`), not an error.
+reads the identical signal store), then runs the stages its signal needs, train, eval and report under
+``runs/<base>-<variant>``. Prints one JSON object: per variant, the overrides, seed, training steps,
+and held-out task success (with its 95% bootstrap interval) overall, per layer and on the multi-step
+slice, format validity and length drift against the teacher, next to the teacher's on the same
+examples; also written to ``runs/<base>-variants.json``, and the "distillation variants" table to
+``runs/<base>-variants.md``. A variant whose student fails its gates is a result (exit status 3 of
+`stillroom run`), not an error.
 """
 
 from __future__ import annotations
@@ -21,9 +29,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+BUDGET = ["train.max_steps=60", "train.epochs=50", "compress.quantize=none", "route.enabled=false"]
+ONLY = "train.sft_weight=0,train.kd_weight=0"
 DEFAULT_VARIANTS = [
-    "sft_only=train.kd_weight=0.0",
-    "kd_sft=train.kd_weight=1.0",
+    f"sequence=signals.kind=[sequence],{ONLY},train.sft_weight=1",
+    f"logit=signals.kind=[logit],{ONLY},train.kd_weight=1",
+    f"preference=signals.kind=[preference],{ONLY},train.pref_weight=1",
+    f"tool_trace=signals.kind=[tool_trace],{ONLY},train.trace_weight=1",
+    f"self=signals.kind=[self],{ONLY},train.self_weight=1,signals.self.model={{run_dir}}-sequence/train/model,"
+    "eval.previous={run_dir}-sequence/train/model",
 ]
 DATA_STAGES = ("prepare", "generate", "select", "mix")
 
@@ -33,7 +47,10 @@ def main() -> None:
     ap.add_argument("--config", default=None, help="pipeline config (default: the built-in demo)")
     ap.add_argument("--variant", action="append", help="NAME=override[,override...]; repeatable")
     ap.add_argument("--set", action="append", default=[], help="override applied to the base and every variant")
+    ap.add_argument("--only", action="append", help="run only these default variants (names); repeatable")
     args = ap.parse_args()
+    if not args.variant:
+        args.set = [*BUDGET, *args.set]
 
     from stillroom.cli import DEMO_CONFIG
     from stillroom.config import load_config
@@ -46,9 +63,11 @@ def main() -> None:
     subprocess.run([*stillroom, "mix", str(config), *args.set], check=True)
 
     out = {"config": str(config), "seed": base_cfg.run.seed, "base_run": str(base), "variants": {}}
-    for spec in args.variant or DEFAULT_VARIANTS:
+    specs = args.variant or [v for v in DEFAULT_VARIANTS if not args.only or v.split("=", 1)[0] in args.only]
+    for spec in specs:
         name, _, overrides = spec.partition("=")
-        sets = [*args.set, *[o for o in overrides.split(",") if o], f"run.name={base.name}-{name}"]
+        overrides = overrides.replace("{run_dir}", str(base.resolve()))
+        sets = [*args.set, *split_overrides(overrides), f"run.name={base.name}-{name}"]
         cfg = load_config(config, sets)  # validates the variant before anything runs
         target = run_dir(cfg)
         target.mkdir(parents=True, exist_ok=True)
@@ -68,6 +87,12 @@ def main() -> None:
             "final_train_loss": train["final_train_loss"], "best_dev_loss": train["best_dev_loss"],
             "task_success": student["metrics"]["task_success"], "format_validity": student["metrics"]["format_validity"],
             "per_layer_task_success": layer(student), "failure_reasons": student["failure_reasons"],
+            "multi_step_task_success": student["per_slice"].get("multi_step", {}).get("task_success"),
+            "teacher_multi_step_task_success": teacher["per_slice"].get("multi_step", {}).get("task_success"),
+            "length_ratio_vs_teacher": results.get("drift_vs_teacher", {}).get("student", {}).get("length_ratio"),
+            "records_by_source": train.get("records_by_source"), "pair_rows": train.get("pair_rows"), "trace_rows": train.get("trace_rows"),
+            **({"task_success_minus_previous": results["deltas_student_vs_previous"]["all"]["all"]["task_success"]}
+               if "deltas_student_vs_previous" in results else {}),
             "teacher_task_success": teacher["metrics"]["task_success"], "teacher_per_layer_task_success": layer(teacher),
             "delta_vs_teacher": results["deltas_student_vs_teacher"]["all"]["all"]["task_success"],
             "gates_passed": json.loads((target / "eval" / "verdict.json").read_text())["passed"],
@@ -83,7 +108,24 @@ def main() -> None:
         out["variants"][name][f"task_success_minus_{base_variant}"] = paired_delta(student_success(base_variant), student_success(name), out["seed"])
     text = json.dumps(out, indent=2)
     (base.parent / f"{base.name}-variants.json").write_text(text + "\n")
+    from stillroom.stages.report import to_markdown, variants_blocks
+
+    (base.parent / f"{base.name}-variants.md").write_text(to_markdown(variants_blocks(out), ""))
     print(text)
+
+
+def split_overrides(text: str) -> list[str]:
+    """``a=1,b=[x, y],c=2`` -> ["a=1", "b=[x, y]", "c=2"]: commas inside brackets stay."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch in "[{" and 1 or 0
+        depth -= ch in "]}" and 1 or 0
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [p for p in [*parts, cur] if p]
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import yaml
 
 from stillroom.config import DEFAULT_GATES
 
-STAGES = ["prepare", "generate", "select", "mix", "train", "compress", "eval", "report"]
+STAGES = ["prepare", "generate", "self_generate", "select", "mix", "train", "compress", "eval", "report"]
 
 
 @pytest.fixture
@@ -27,7 +27,8 @@ def config(tmp_path, tiny_model_dir) -> Path:
         # a random tiny teacher never writes a tool call, so the examples that must not call a tool
         # are the ones whose candidates pass the tool-call verifier: weight the mixture towards them
         "data": {"n_examples": 40, "layer_weights": {"core": 0.3, "failure": 0.7}, "held_out_functions": 2},
-        "signals": {"n": 2, "max_new_tokens": 24, "batch_size": 4, "shard_size": 2, "top_k": 8, "score_references": True},
+        "signals": {"kind": ["sequence", "logit"], "n": 2, "max_new_tokens": 24, "batch_size": 4, "shard_size": 2, "top_k": 8,
+                    "score_references": True},
         "train": {"epochs": 1, "batch_size": 4, "max_length": 256, "kd_weight": 0.5},
         # the default gates plus one a random tiny student cannot pass: `run` must exit 3 after the report
         "compress": {"quantize": "int8_dynamic"},
@@ -122,7 +123,7 @@ def test_run_skip_force_and_a_loadable_student(config, tmp_path):
 
     forced = cli("run", config, "--force", "train", expect=GATES_FAILED)
     skipped = [s for s in STAGES if f"{s}: up to date" in forced.stderr]
-    assert skipped == ["prepare", "generate", "select", "mix"], forced.stderr
+    assert skipped == ["prepare", "generate", "self_generate", "select", "mix"], forced.stderr
 
     bad = cli("run", config, "--force", "nosuchstage", check=False)
     assert bad.returncode == 2 and "unknown stage" in bad.stderr

@@ -112,7 +112,7 @@ def test_a_gate_with_nothing_to_measure_passes_and_says_so():
     [
         ({"metric": "task_success"}, "exactly one of"),
         ({"metric": "task_success", "min": 0.5, "max": 0.9}, "exactly one of"),
-        ({"metric": "task_success", "min_ratio": 0.9}, "vs: teacher"),
+        ({"metric": "task_success", "min_ratio": 0.9}, "compare with `vs` (teacher or previous)"),
         ({"metric": "ece", "per": "slice", "max": 0.1}, "measured per model"),
         ({"metric": "bleu", "min": 0.1}, "neither in eval.metrics"),
     ],

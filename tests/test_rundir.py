@@ -68,6 +68,6 @@ def test_atomic_dir_replaces_whole_folder(tmp_path):
 def test_stage_graph_order_and_dependencies():
     stages = _stages()
     assert tuple(s.name for s in stages) == STAGE_NAMES
-    assert [s.name for s in upstream(stages, "train")] == ["prepare", "generate", "select", "mix", "train"]
+    assert [s.name for s in upstream(stages, "train")] == ["prepare", "generate", "self_generate", "select", "mix", "train"]
     assert downstream(stages, {"select"}) == {"select", "mix", "train", "compress", "eval", "report"}
     assert downstream(stages, {"eval"}) == {"eval", "report"}

@@ -23,7 +23,7 @@ def openai_teacher(cfg):
 
 def register(registry) -> None:
     from stillroom import metrics, verifiers
-    from stillroom.examples.toolcall.task import ToolCallTask, no_call, tool_call
+    from stillroom.examples.toolcall.task import ToolCallTask, no_call, tool_call, trace
 
     registry.add("teacher", "hf", hf_teacher)
     registry.add("teacher", "openai", openai_teacher)
@@ -32,5 +32,6 @@ def register(registry) -> None:
         registry.add("verifier", name, getattr(verifiers, name))
     registry.add("verifier", "tool_call", tool_call)
     registry.add("verifier", "no_call", no_call)
+    registry.add("verifier", "trace", trace)
     for name in ("task_success", "format_validity", "unsafe_compliance", "over_refusal"):
         registry.add("metric", name, getattr(metrics, name))

@@ -92,8 +92,9 @@ def _stage_command(stage: str, doc: str) -> None:
 
 for _stage, _doc in (
     ("prepare", "Build the task's examples and their train/dev/eval splits."),
-    ("generate", "Sample teacher candidates for the train and dev prompts."),
-    ("select", "Verify candidates and keep those that pass."),
+    ("generate", "Sample teacher candidates (multi-step traces included) for the train and dev prompts."),
+    ("self_generate", "The student samples its own candidates and the teacher scores them (signals.kind: self)."),
+    ("select", "Verify candidates, keep those that pass, build preference pairs."),
     ("mix", "Deduplicate, check contamination against eval, weight the layers."),
     ("train", "Train the student on the selected candidates."),
     ("compress", "Write the student's inference recipe (compress.quantize)."),

@@ -190,17 +190,75 @@ class DataConfig(Section):
         return self
 
 
+SIGNAL_KINDS = ("sequence", "logit", "preference", "tool_trace", "self")
+SIGNAL_WEIGHTS = {"sequence": "sft_weight", "logit": "kd_weight", "preference": "pref_weight", "tool_trace": "trace_weight",
+                  "self": "self_weight"}  # fmt: skip
+
+
+class PreferenceConfig(Section):
+    """(chosen, rejected) pairs from one prompt's candidates, ranked by the teacher's signal."""
+
+    rank_by: Literal["verifiers", "teacher_logprob"] = "verifiers"  # verifiers: passing over failing, then mean log-prob
+    include_reference: bool = True  # the clean reference joins the candidates as a passing one
+    min_margin: float = Field(0.0, ge=0)  # teacher_logprob: least gap in mean token log-prob between chosen and rejected
+    max_pairs_per_example: int = Field(2, ge=1)
+
+
+class SelfConfig(Section):
+    """Self-distillation: a student generates, the verifiers and the teacher filter, survivors train."""
+
+    model: str | None = None  # a student folder (e.g. a previous run's train/model) or `registry:ALIAS` (needs registry)
+    registry: str = "registry"  # registry folder for `registry:ALIAS`
+    n: int = Field(2, ge=1)  # candidates per prompt (the first greedy)
+    temperature: float = Field(0.7, gt=0)
+    min_teacher_logprob: float | None = -1.5  # keep a candidate only if the teacher's mean token log-prob is at least this
+    max_share: float = Field(0.3, gt=0, le=1)  # cap on the share of training records the student made itself
+
+    @model_validator(mode="after")
+    def _model_given(self) -> SelfConfig:
+        if self.model is not None and not self.model.startswith("registry:"):
+            self.model = str(Path(self.model).expanduser().resolve())
+        return self
+
+
 class SignalsConfig(Section):
-    kind: Literal["sequence"] = "sequence"  # what the teacher supplies; more kinds join later
+    # what the run learns from; several can be mixed, each weighted by its train.*_weight:
+    # sequence: teacher sequences (sft_weight); logit: the teacher's top-k probabilities (kd_weight);
+    # preference: ranked candidate pairs (pref_weight); tool_trace: the teacher's multi-step traces
+    # against the task's tools (trace_weight); self: the student's own verified outputs (self_weight)
+    kind: list[Literal["sequence", "logit", "preference", "tool_trace", "self"]] = ["sequence"]
     n: int = Field(2, ge=1)  # candidates per prompt
     include_greedy: bool = True  # candidate 0 is the greedy one
     temperature: float = Field(0.7, gt=0)  # for the sampled candidates
     top_p: float = Field(0.95, gt=0, le=1)
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: int = Field(64, ge=1)  # per assistant turn
+    max_tool_steps: int = Field(4, ge=1)  # assistant turns of a multi-step episode against the task's tools
     top_k: int = Field(32, ge=0)  # teacher log-probs kept per position (0: none); untempered
     score_references: bool = False  # also score each clean reference teacher-forced (needs `hf`)
     batch_size: int = Field(8, ge=1)
     shard_size: int = Field(32, ge=1)  # prompts per store shard: the unit of resume
+    preference: PreferenceConfig = PreferenceConfig()
+    self: SelfConfig = SelfConfig()
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("kind")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"give one or more distinct kinds among {', '.join(SIGNAL_KINDS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _self_source(self) -> SignalsConfig:
+        if ("self" in self.kind) != (self.self.model is not None):
+            raise ValueError("signals.kind includes `self` exactly when signals.self.model names the student that generates")
+        if "preference" in self.kind and self.n < 2 and not self.preference.include_reference:
+            raise ValueError("preference pairs need two candidates per prompt: signals.n >= 2 or preference.include_reference")
+        return self
 
 
 class LoraConfig(Section):
@@ -222,9 +280,16 @@ class TrainConfig(Section):
     grad_clip: float = Field(1.0, gt=0)
     max_length: int = Field(512, ge=16)  # prompt + completion tokens; longer examples are truncated
     dropout: float = Field(0.0, ge=0, lt=1)  # attention dropout in the student while training
-    sft_weight: float = Field(1.0, ge=0)  # weight of cross-entropy on selected teacher sequences
-    reference_weight: float = Field(0.0, ge=0)  # weight of cross-entropy on clean references, where known
-    kd_weight: float = Field(0.0, ge=0)  # weight of the divergence to the teacher, per completion token
+    max_steps: int | None = Field(None, ge=1)  # stop after this many optimizer steps (a fixed budget across variants)
+    sft_weight: float = Field(1.0, ge=0)  # signal `sequence`: cross-entropy on selected teacher sequences
+    reference_weight: float = Field(0.0, ge=0)  # cross-entropy on clean references (answers and traces), where known
+    kd_weight: float = Field(0.0, ge=0)  # signal `logit`: divergence to the teacher, per completion token
+    trace_weight: float = Field(0.0, ge=0)  # signal `tool_trace`: cross-entropy on the assistant turns of teacher traces
+    self_weight: float = Field(0.0, ge=0)  # signal `self`: cross-entropy on the student's own verified outputs
+    pref_weight: float = Field(0.0, ge=0)  # signal `preference`: the preference loss, per pair
+    pref_loss: Literal["dpo", "simpo"] = "dpo"  # dpo: against the initial student as reference; simpo: reference-free
+    pref_beta: float = Field(0.1, gt=0)  # dpo / simpo: scale of the log-ratio margin
+    simpo_gamma: float = Field(0.5, ge=0)  # simpo: target reward margin
     kd_loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl"] = "forward_kl"
     kd_temperature: float = Field(1.0, gt=0)  # softens both distributions; the loss is scaled by T^2
     kd_beta: float = Field(0.5, gt=0, lt=1)  # jsd: weight of the teacher in the mixture m = beta p + (1 - beta) q
@@ -240,8 +305,9 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _some_loss(self) -> TrainConfig:
-        if self.sft_weight + self.reference_weight + self.kd_weight <= 0:
-            raise ValueError("sft_weight + reference_weight + kd_weight must be positive")
+        weights = (self.sft_weight, self.reference_weight, self.kd_weight, self.trace_weight, self.self_weight, self.pref_weight)
+        if sum(weights) <= 0:
+            raise ValueError("at least one of sft/reference/kd/trace/self/pref weights must be positive")
         return self
 
 
@@ -255,7 +321,7 @@ class Gate(Section):
 
     metric: str  # a per-example metric (eval.metrics) or one of AGGREGATE_METRICS
     per: Literal["all", "layer", "slice"] = "all"  # per-example metrics: overall, or every layer / slice tag
-    vs: Literal["teacher"] | None = None  # the reference for relative bounds
+    vs: Literal["teacher", "previous"] | None = None  # the reference for relative bounds (previous: eval.previous)
     min: float | None = None  # value >= min
     max: float | None = None  # value <= max
     min_ratio: float | None = Field(None, gt=0)  # value >= min_ratio * teacher's
@@ -270,7 +336,7 @@ class Gate(Section):
             raise ValueError(f"give exactly one of min, max, min_ratio, max_drop, max_increase (got {sorted(bounds) or 'none'})")
         relative = next(iter(bounds)) in ("min_ratio", "max_drop", "max_increase")
         if relative != (self.vs is not None):
-            raise ValueError("min_ratio, max_drop and max_increase compare with `vs: teacher`; min and max do not take `vs`")
+            raise ValueError("min_ratio, max_drop and max_increase compare with `vs` (teacher or previous); min and max do not take `vs`")
         if self.metric in AGGREGATE_METRICS and self.per != "all":
             raise ValueError(f"{self.metric} is measured per model; it has no per-{self.per} values")
         return self
@@ -289,13 +355,16 @@ class EvalConfig(Section):
     split: Literal["eval", "dev"] = "eval"
     max_examples: int | None = Field(None, ge=1)  # cap on examples evaluated (None: the whole split)
     batch_size: int = Field(8, ge=1)  # batch for the quality pass
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: int = Field(64, ge=1)  # per assistant turn
+    max_tool_steps: int = Field(4, ge=1)  # assistant turns of a multi-step episode against the task's tools
     latency_requests: int = Field(12, ge=0)  # requests timed one at a time, end to end
     metrics: list[str] = ["task_success", "format_validity", "unsafe_compliance", "over_refusal"]  # registered metrics
     confidence: Literal["mean_token_prob", "seq_prob"] = "mean_token_prob"  # what calibration reads
     calibration_bins: int = Field(10, ge=2)  # equal-width bins for ECE and the reliability diagram
     fit_temperature: bool = False  # also run the student on the dev split and fit a confidence temperature there
     bootstrap: int = Field(1000, ge=100)  # resamples for the 95% intervals
+    previous: str | None = None  # an earlier student to measure on the same examples: a folder or `registry:ALIAS`
+    registry: str = "registry"  # registry folder for `previous: registry:ALIAS`
     gates: list[Gate] = DEFAULT_GATES  # targets.* add latency, memory and cost gates on top
 
     @field_validator("metrics")
@@ -309,7 +378,11 @@ class EvalConfig(Section):
 
     @model_validator(mode="after")
     def _gates_measured(self) -> EvalConfig:
+        if self.previous is not None and not self.previous.startswith("registry:"):
+            self.previous = str(Path(self.previous).expanduser().resolve())
         for i, g in enumerate(self.gates):
+            if g.vs == "previous" and self.previous is None:
+                raise ValueError(f"gates[{i}] compares with `previous`: set eval.previous")
             if g.metric not in self.metrics and g.metric not in AGGREGATE_METRICS:
                 raise ValueError(f"gates[{i}]: metric {g.metric!r} is neither in eval.metrics nor one of {', '.join(AGGREGATE_METRICS)}")
         return self
@@ -352,21 +425,24 @@ class PipelineConfig(Section):
         if self.student.pruned_from == "teacher" and self.teacher.backend != "hf":
             raise ValueError("student.pruned_from: teacher needs a local teacher (teacher.backend: hf); "
                              "give student.model instead")  # fmt: skip
-        offline_kd = self.train.kd_weight > 0 and self.train.teacher_mode == "offline"
-        if offline_kd and (self.signals.top_k == 0 or "teacher" not in self.data.mixture.sources):
-            raise ValueError("train.kd_weight > 0 with teacher_mode: offline needs signals.top_k > 0 and `teacher` in "
-                             "data.mixture.sources (or use train.teacher_mode: online)")  # fmt: skip
-        if self.train.teacher_mode == "online" and self.teacher.backend != "hf":
+        t, kinds = self.train, self.signals.kind
+        for kind, weight in SIGNAL_WEIGHTS.items():
+            if (kind in kinds) != (getattr(t, weight) > 0):
+                raise ValueError(f"signals.kind includes `{kind}` exactly when train.{weight} > 0 "
+                                 f"(kind: {kinds}, {weight}: {getattr(t, weight)})")  # fmt: skip
+        offline_kd = t.kd_weight > 0 and t.teacher_mode == "offline"
+        if offline_kd and self.signals.top_k == 0:
+            raise ValueError("train.kd_weight > 0 with teacher_mode: offline needs signals.top_k > 0 (or use train.teacher_mode: online)")
+        if t.teacher_mode == "online" and self.teacher.backend != "hf":
             raise ValueError("train.teacher_mode: online runs the teacher in the training process (teacher.backend: hf)")
         has_refs = "reference" in self.data.mixture.sources
-        if has_refs != (self.train.reference_weight > 0):
+        if has_refs != (t.reference_weight > 0):
             raise ValueError("data.mixture.sources includes `reference` exactly when train.reference_weight > 0")
+        teacher_kinds = sorted(set(kinds) & {"sequence", "logit", "tool_trace", "preference"})
         with_teacher = "teacher" in self.data.mixture.sources
-        if with_teacher and self.train.sft_weight + self.train.kd_weight <= 0:
-            raise ValueError("data.mixture.sources includes `teacher` but neither train.sft_weight nor train.kd_weight uses it")
-        if not with_teacher and (self.train.sft_weight > 0 or offline_kd):
-            raise ValueError("train.sft_weight > 0 (or offline KD) trains on teacher sequences: add `teacher` to "
-                             "data.mixture.sources")  # fmt: skip
+        if with_teacher != bool(teacher_kinds):
+            raise ValueError(f"data.mixture.sources includes `teacher` exactly when signals.kind has a teacher signal "
+                             f"(sequence, logit, tool_trace, preference); kind: {kinds}")  # fmt: skip
         if self.signals.score_references and self.teacher.backend != "hf":
             raise ValueError("signals.score_references needs a local teacher (teacher.backend: hf)")
         return self

@@ -27,14 +27,16 @@ def _rule(gate) -> tuple[str, float]:
     raise AssertionError("a gate has one bound (checked by the config)")
 
 
-def check(gate, student: dict, teacher: dict | None) -> dict:
-    """One gate: a row per group (``all``, or each layer / slice the student was measured on)."""
+def check(gate, student: dict, references: dict) -> dict:
+    """One gate: a row per group (``all``, or each layer / slice the student was measured on).
+    ``references``: the measured models a relative gate can compare with (``teacher``, ``previous``)."""
+    other = references.get(gate.vs) if gate.vs else None
     kind, bound = _rule(gate)
     groups = ["all"] if gate.per == "all" else sorted(student[f"per_{gate.per}"])
     rows = []
     for g in groups:
         value = _value(student, gate.metric, gate.per, g)
-        ref = _value(teacher, gate.metric, gate.per, g) if gate.vs == "teacher" and teacher else None
+        ref = _value(other, gate.metric, gate.per, g) if other else None
         if value is None or (kind in RELATIVE and ref is None):
             rows.append({"group": g, "value": value, "reference": ref, "threshold": None, "passed": True, "note": "not measured"})
             continue
@@ -74,5 +76,5 @@ def target_gates(targets) -> list:
 
 def verdict(results: dict, gates: list, targets) -> dict:
     models = results["models"]
-    checked = [check(g, models["student"], models.get("teacher")) for g in [*gates, *target_gates(targets)]]
+    checked = [check(g, models["student"], models) for g in [*gates, *target_gates(targets)]]
     return {"model": "student", "passed": all(c["passed"] for c in checked), "gates": checked}

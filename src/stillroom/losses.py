@@ -1,6 +1,7 @@
 """Distillation losses as pure functions, with shapes in their docstrings.
 
-Three layers, each tested against a naive full-vocabulary reference in ``tests/test_losses.py``:
+Three layers, each tested against a naive full-vocabulary reference in ``tests/test_losses.py``, and
+the preference losses (DPO, SimPO) on sequence log-probs, tested against the formulas written out:
 
 1. ``divergence``: a divergence between two distributions given as log-probs over the same C
    categories, per row: forward KL, reverse KL, generalized JSD (beta), skew forward / reverse KL
@@ -178,3 +179,33 @@ def fused_linear_loss(
     if hidden.shape[0] == 0:
         return (hidden.sum() + weight.sum()) * 0.0  # keeps the graph connected, e.g. for DDP
     return _FusedLinearLoss.apply(hidden, weight, bias, loss_fn, chunk_size)
+
+
+Preference = Literal["dpo", "simpo"]
+
+
+def preference_loss(
+    chosen_lp: torch.Tensor, rejected_lp: torch.Tensor, kind: Preference = "dpo", beta: float = 0.1, *,
+    ref_chosen_lp: torch.Tensor | None = None, ref_rejected_lp: torch.Tensor | None = None,
+    chosen_len: torch.Tensor | None = None, rejected_len: torch.Tensor | None = None, gamma: float = 0.5,
+) -> torch.Tensor:  # fmt: skip
+    """Preference loss per pair, from sequence log-probs (sums over the completion tokens).
+
+    chosen_lp, rejected_lp: [P] log pi(y_w | x), log pi(y_l | x) under the policy being trained.
+      dpo    -log sigmoid(beta * ((chosen - ref_chosen) - (rejected - ref_rejected)))   (Rafailov et al., 2023)
+             ref_*: [P], the same under the frozen reference model (the student before training).
+      simpo  -log sigmoid(beta * (chosen / |y_w| - rejected / |y_l|) - gamma)          (Meng et al., 2024)
+             reference-free; *_len: [P] completion lengths in tokens; gamma: the target margin.
+    Returns [P].
+    """
+    if kind == "dpo":
+        if ref_chosen_lp is None or ref_rejected_lp is None:
+            raise ValueError("dpo needs the reference model's log-probs (ref_chosen_lp, ref_rejected_lp)")
+        margin = (chosen_lp - ref_chosen_lp) - (rejected_lp - ref_rejected_lp)
+        return -F.logsigmoid(beta * margin)
+    if kind == "simpo":
+        if chosen_len is None or rejected_len is None:
+            raise ValueError("simpo needs the completion lengths (chosen_len, rejected_len)")
+        margin = chosen_lp / chosen_len.clamp_min(1) - rejected_lp / rejected_len.clamp_min(1)
+        return -F.logsigmoid(beta * margin - gamma)
+    raise ValueError(f"unknown preference loss {kind!r}; choose dpo or simpo")

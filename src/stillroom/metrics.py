@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 from typing import Callable
 
+from stillroom.tasks import answer_of
 from stillroom.verifiers import is_refusal
 
 Measure = Callable[[dict, dict], "float | None"]
@@ -23,7 +24,7 @@ def task_success() -> Measure:
     from stillroom.plugins import registry
 
     def measure(example: dict, output: dict) -> float:
-        return float(registry().get("task", example["task"]).check(example, output["text"]).passed)
+        return float(registry().get("task", example["task"]).check(example, answer_of(output)).passed)
 
     return measure
 
@@ -33,7 +34,7 @@ def format_validity() -> Measure:
     expected, no call where none is."""
     from stillroom.plugins import registry
 
-    checks = [registry().get("verifier", name)() for name in ("tool_call", "no_call")]
+    checks = [registry().get("verifier", name)() for name in ("tool_call", "no_call")]  # each step of a trace
 
     def measure(example: dict, output: dict) -> float:
         return float(all(check(example, output).passed for check in checks))

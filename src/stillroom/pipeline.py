@@ -1,6 +1,6 @@
 """The stage graph and the loop that runs it with caching.
 
-prepare -> generate -> select -> mix -> train -> compress -> eval -> report. Each stage is a plain function
+prepare -> generate (+ self_generate) -> select -> mix -> train -> compress -> eval -> report. Each stage is a plain function
 ``run(ctx)`` in ``stillroom.stages``; this module decides which ones to run: a stage is skipped when
 its manifest is complete, its key matches and its files are intact; ``force`` redoes a stage and
 everything downstream of it.
@@ -24,22 +24,31 @@ console = Console(stderr=True)
 
 def _stages() -> list[Stage]:
     # imported lazily: stage modules pull in torch, the config path must not
-    from stillroom.stages import compress, evaluate, generate, mix, prepare, report, select, train
+    from stillroom.stages import compress, evaluate, generate, mix, prepare, report, select, self_generate, train
+
+    generate_config = ("run.seed", "teacher", *(f"signals.{k}" for k in GENERATE_FIELDS))  # not `kind`: variants share the teacher's signals
 
     return [
         Stage("prepare", prepare.run, (), ("run.seed", "data"), "build the task's examples and fixed splits"),
-        Stage("generate", generate.run, ("prepare",), ("run.seed", "teacher", "signals"), "sample teacher candidates"),
-        Stage("select", select.run, ("prepare", "generate"), ("data.select",), "verify candidates, keep the good"),
-        Stage("mix", mix.run, ("prepare", "select"), ("run.seed", "data.layer_weights", "data.mixture"), "dedup, decontaminate, weight the mixture", "0.2.0"),
-        Stage("train", train.run, ("prepare", "generate", "mix"), ("run.seed", "teacher", "student", "train"), "train the student", "0.2.0"),
+        Stage("generate", generate.run, ("prepare",), generate_config, "sample teacher candidates and traces", "0.3.0"),
+        Stage("self_generate", self_generate.run, ("prepare",), ("run.seed", "teacher", "student.dtype", "signals.self", "signals.top_p",
+              "signals.max_new_tokens", "signals.max_tool_steps", "signals.batch_size", "signals.shard_size"),
+              "the student samples its own candidates, the teacher scores them (signal `self`)", external=self_generate.external),
+        Stage("select", select.run, ("prepare", "generate", "self_generate"), ("data.select", "signals.preference", "signals.self.min_teacher_logprob"),
+              "verify candidates, keep the good, rank pairs", "0.3.0"),
+        Stage("mix", mix.run, ("prepare", "select"), ("run.seed", "data.layer_weights", "data.mixture", "signals.kind", "signals.self.max_share"),
+              "dedup, decontaminate, weight the mixture", "0.3.0"),
+        Stage("train", train.run, ("prepare", "generate", "mix"), ("run.seed", "teacher", "student", "train"), "train the student", "0.3.0"),
         Stage("compress", compress.run, ("train",), ("compress",), "write the student's inference recipe (quantization)"),
         Stage("eval", evaluate.run, ("prepare", "train", "compress"), ("run.seed", "teacher", "student.dtype", "eval", "targets", "route"),
-              "measure teacher, student (and quantized student, cascade); apply the gates", "0.2.0"),
+              "measure teacher, student (and quantized student, cascade); apply the gates", "0.3.0", evaluate.external),
         Stage("report", report.run, ("prepare", "select", "mix", "train", "eval"), ("targets", "eval"), "write the run report", "0.2.0"),
     ]
 
 
-STAGE_NAMES = ("prepare", "generate", "select", "mix", "train", "compress", "eval", "report")
+STAGE_NAMES = ("prepare", "generate", "self_generate", "select", "mix", "train", "compress", "eval", "report")
+GENERATE_FIELDS = ("n", "include_greedy", "temperature", "top_p", "max_new_tokens", "max_tool_steps", "top_k", "score_references",
+                   "batch_size", "shard_size")  # fmt: skip
 
 
 def run_dir(cfg: PipelineConfig) -> Path:
@@ -82,6 +91,8 @@ def run_pipeline(cfg: PipelineConfig, until: str = "report", force: set[str] = f
         stage_dir = root / st.name
         inputs = {n: root / n for n in st.needs}
         input_hashes = {n: outputs_hash(p) for n, p in inputs.items()}
+        if st.external is not None:  # models read from outside the run (a previous student): their weights' hashes
+            input_hashes.update(st.external(cfg))
         view = stage_view(cfg, list(st.config))
         key = stage_key(st, view, input_hashes)
         if st.name not in redo and is_fresh(stage_dir, key):

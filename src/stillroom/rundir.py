@@ -100,6 +100,7 @@ class Stage:
     config: tuple[str, ...]  # dotted config sections its result depends on
     help: str
     version: str = "0.1.0"  # of the stage's code and output format: bump it when either changes its outputs
+    external: Callable[[Any], dict[str, str]] | None = None  # config -> hashes of what it reads from outside the run (other models)
 
 
 

@@ -5,7 +5,8 @@ A task (registered under kind ``task``) makes examples and prompts and judges ou
 function ``verify(example, candidate) -> Verdict`` (``candidate``: ``text`` and, where known,
 ``token_ids``). Examples are plain dicts (JSON lines) with at least ``id``, ``task``, ``layer``,
 ``slice`` and ``expected`` (whose ``kind`` says what a right answer is: ``call``, ``no_call``,
-``ask``, ``refuse``).
+``ask``, ``refuse``, ``trace``: several calls, each acting on the last result, then an answer).
+A candidate of a multi-step example also carries ``messages``: its assistant and tool turns.
 """
 
 from __future__ import annotations
@@ -34,11 +35,21 @@ class Task(Protocol):
     def student_messages(self, example: dict) -> list[dict]:
         """Chat messages for the student: no few-shot context (context distillation)."""
 
-    def check(self, example: dict, output: str) -> Verdict:
-        """Task success: does ``output`` do what the example's reference says."""
+    def check(self, example: dict, output: str | list[dict]) -> Verdict:
+        """Task success: does ``output`` do what the example's reference says. ``output`` is the answer
+        text, or for a multi-step example the assistant and tool turns after the request."""
+
+    def tool_results(self, example: dict, output: str) -> list[dict] | None:
+        """Multi-step examples: the tool turns answering the calls in ``output``, or None when the
+        episode ends (single-turn examples: always None)."""
 
     def with_teacher_context(self, messages: list[dict]) -> list[dict]:
         """A served conversation as the teacher sees it (its context added), for cascade escalation."""
+
+
+def answer_of(candidate: dict) -> str | list[dict]:
+    """What a task judges: the answer text, or a multi-step candidate's turns (``messages``)."""
+    return candidate.get("messages") or candidate["text"]
 
 
 class Verifier(Protocol):

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import jsonschema
 
-from stillroom.tasks import Verdict
+from stillroom.tasks import Verdict, answer_of
 
 NOT_APPLICABLE = Verdict(True, "n/a", 1.0)
 REFUSAL_RE = re.compile(
@@ -155,6 +155,6 @@ def reference() -> Verify:
     from stillroom.plugins import registry
 
     def verify(example: dict, candidate: dict) -> Verdict:
-        return registry().get("task", example["task"]).check(example, candidate["text"])
+        return registry().get("task", example["task"]).check(example, answer_of(candidate))
 
     return verify

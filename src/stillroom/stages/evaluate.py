@@ -29,12 +29,16 @@ from stillroom.metrics import percentile
 from stillroom.plugins import registry
 from stillroom.progress import add, advance, bar
 from stillroom.rundir import StageContext
+from stillroom.stages.generate import sample_episodes
 from stillroom.stages.prepare import read_split
+from stillroom.stages.self_generate import generator_folder, weights_hash
+from stillroom.tasks import answer_of
 from stillroom.teachers import HFTeacher, Sampling
 
 
-def quality_pass(label, endpoint, messages_of, examples, batch_size, max_new_tokens, measures) -> tuple[list[dict], int, float]:
-    """Greedy answers with their token log-probs; per example the metric values and the confidence."""
+def quality_pass(label, endpoint, messages_of, examples, batch_size, max_new_tokens, measures, max_steps) -> tuple[list[dict], int, float]:
+    """Greedy answers with their token log-probs, multi-step examples played out against the task's
+    tools; per example the metric values and the confidence (over every assistant turn)."""
     greedy = Sampling(max_new_tokens)
     rows, new_tokens = [], 0
     with bar() as progress:
@@ -42,13 +46,18 @@ def quality_pass(label, endpoint, messages_of, examples, batch_size, max_new_tok
         t0 = time.time()
         for i in range(0, len(examples), batch_size):
             batch = examples[i : i + batch_size]
-            for e, g in zip(batch, endpoint.complete([messages_of(e) for e in batch], greedy, [0] * len(batch), 1)):
-                out = {"text": g.text, "token_ids": g.token_ids}
-                verdict = registry().get("task", e["task"]).check(e, g.text)
+            task = registry().get("task", batch[0]["task"])
+            episodes = sample_episodes(endpoint, task, batch, messages_of, greedy, lambda e, step: 0, 1, max_steps)
+            for e, ep in zip(batch, episodes):
+                g = ep.combined()
+                out = {"text": g.text, "token_ids": g.token_ids, **({"messages": ep.messages} if ep.multi_turn else {})}
+                verdict = registry().get("task", e["task"]).check(e, answer_of(out))
                 rows.append({"model": label, "example_id": e["id"], "layer": e["layer"], "slice": e["slice"],
                              "output": g.text, "reason": verdict.reason, "prompt_tokens": g.prompt_tokens,
-                             "new_tokens": len(g.token_ids), **routing.logprob_stats(g.token_logprobs),
+                             "new_tokens": len(g.token_ids), "turns": len(ep.turns), **routing.logprob_stats(g.token_logprobs),
                              "metrics": {name: m(e, out) for name, m in measures.items()}})  # fmt: skip
+                if ep.multi_turn:
+                    rows[-1]["messages"] = ep.messages
                 new_tokens += len(g.token_ids)
             advance(progress, job, len(batch))
     return rows, new_tokens, time.time() - t0
@@ -109,16 +118,20 @@ def run(ctx: StageContext) -> None:
         ("teacher", lambda: registry().get("teacher", cfg.teacher.backend)(cfg.teacher), lambda e: task.teacher_messages(e, cfg.teacher.context)),
         ("student", lambda: HFTeacher.load(student_dir, cfg.student.dtype), task.student_messages),
     ]  # fmt: skip
+    if ecfg.previous is not None:  # an earlier student on the same examples (self-distillation's guard)
+        previous_dir = generator_folder(ecfg.previous, ecfg.registry)
+        candidates.append(("previous", lambda: HFTeacher.load(previous_dir, cfg.student.dtype), task.student_messages))
     if quantize != "none":
         candidates.append((f"student_{quantize.split('_')[0]}", lambda: HFTeacher.load(student_dir, "float32", quantize), task.student_messages))
     results, rows_of, dev_rows_of, extra = {}, {}, {}, {}
-    routed = candidates[-1][0]  # the cascade routes from the student that will be served: the quantized one when there is one
+    routed = next((c[0] for c in candidates if c[0].startswith("student_")), "student")  # the served student: quantized when it is
     need_dev = ({"student"} if ecfg.fit_temperature else set()) | ({"teacher", routed} if cfg.route.enabled else set())
     dev = read_split(ctx.inputs["prepare"], "dev") if need_dev else []
     for label, load, messages_of in candidates:
         with PeakMemory() as mem:
             endpoint = load()
-            rows, new_tokens, batch_s = quality_pass(label, endpoint, messages_of, examples, ecfg.batch_size, ecfg.max_new_tokens, measures)
+            rows, new_tokens, batch_s = quality_pass(label, endpoint, messages_of, examples, ecfg.batch_size, ecfg.max_new_tokens,
+                                                     measures, ecfg.max_tool_steps)  # fmt: skip
             latencies = latency_pass(label, endpoint, messages_of, examples, ecfg.latency_requests, ecfg.max_new_tokens)
             if label == "teacher" and cfg.teacher.context != "none" and ecfg.latency_requests:  # what the context costs
                 bare = latency_pass("teacher without context", endpoint, lambda e: task.teacher_messages(e, "none"),
@@ -126,7 +139,7 @@ def run(ctx: StageContext) -> None:
                 extra["latency_p50_ms_without_context"] = round(1000 * percentile(bare, 50), 1)
             if label in need_dev:  # the temperature fit (student) and the cascade threshold (teacher, routed student)
                 dev_rows_of[label], _, _ = quality_pass(f"{label} dev", endpoint, messages_of, dev, ecfg.batch_size,
-                                                        ecfg.max_new_tokens, measures)  # fmt: skip
+                                                        ecfg.max_new_tokens, measures, ecfg.max_tool_steps)  # fmt: skip
         local = getattr(endpoint, "model", None)
         results[label] = summarize(rows, latencies, new_tokens, batch_s, ecfg, ecfg.metrics, price, seed, local,
                                    mem.mb if local is not None else None)  # fmt: skip
@@ -138,7 +151,11 @@ def run(ctx: StageContext) -> None:
         results["student"]["temperature_fit"] = fit_on_dev(dev_rows_of["student"], rows_of["student"], ecfg)
     deltas = {per: metrics.deltas(rows_of["teacher"], rows_of["student"], ecfg.metrics, key, seed)
               for per, key in (("all", None), ("layer", "layer"), ("slice", "slice"))}  # fmt: skip
-    out = {"split": ecfg.split, "seed": seed, "models": results, "deltas_student_vs_teacher": deltas}
+    out = {"split": ecfg.split, "seed": seed, "models": results, "deltas_student_vs_teacher": deltas,
+           "drift_vs_teacher": {label: drift(rows_of["teacher"], rows_of[label]) for label in results if label != "teacher"}}  # fmt: skip
+    if "previous" in results:
+        out["deltas_student_vs_previous"] = {per: metrics.deltas(rows_of["previous"], rows_of["student"], ecfg.metrics, key, seed)
+                                             for per, key in (("all", None), ("layer", "layer"), ("slice", "slice"))}  # fmt: skip
     for label in results:
         if label.startswith("student_"):  # the quantized student against the float one, same examples
             out[f"deltas_{label}_vs_student"] = {"all": metrics.deltas(rows_of["student"], rows_of[label], ecfg.metrics, None, seed)["all"]}
@@ -156,6 +173,25 @@ def run(ctx: StageContext) -> None:
     print_summary(out, decision)
     ctx.counts.update(examples=len(examples), gates_passed=decision["passed"],
                       **{f"{k}_task_success": v["metrics"]["task_success"]["mean"] for k, v in results.items()})  # fmt: skip
+
+
+def external(cfg) -> dict[str, str]:
+    """The previous student's weights (``eval.previous``), part of this stage's key."""
+    e = cfg.eval
+    return {} if e.previous is None else {"previous_model": weights_hash(generator_folder(e.previous, e.registry))}
+
+
+def drift(teacher_rows: list[dict], rows: list[dict]) -> dict:
+    """How a model's outputs drift from the teacher's on the same examples: length (new tokens, in
+    characters too) and format validity. A preference-trained student that wins by writing longer or
+    by dropping the format shows here."""
+    mean = lambda rs, f: statistics.fmean(f(r) for r in rs) if rs else 0.0  # noqa: E731
+    t_tokens, m_tokens = mean(teacher_rows, lambda r: r["new_tokens"]), mean(rows, lambda r: r["new_tokens"])
+    fmt = lambda rs: mean(rs, lambda r: r["metrics"].get("format_validity") or 0.0)  # noqa: E731
+    return {"mean_new_tokens": round(m_tokens, 2), "teacher_mean_new_tokens": round(t_tokens, 2),
+            "length_ratio": round(m_tokens / t_tokens, 3) if t_tokens else None,
+            "mean_chars": round(mean(rows, lambda r: len(r["output"])), 1), "teacher_mean_chars": round(mean(teacher_rows, lambda r: len(r["output"])), 1),
+            "format_validity_delta": round(fmt(rows) - fmt(teacher_rows), 4)}  # fmt: skip
 
 
 def fit_on_dev(dev_rows: list[dict], eval_rows: list[dict], ecfg) -> dict:

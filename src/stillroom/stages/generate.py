@@ -22,6 +22,11 @@ Store schema (one row per candidate; any Arrow tool opens it):
 | topk_ids | list<list<uint16>> (int32 if the vocabulary exceeds 65,536) | top-k ids per position |
 | topk_logprobs | list<list<float16>> | their log-probs, untempered, descending |
 | seq_logprob | float64 | sum of token_logprobs |
+| messages | string (JSON) | multi-step examples: the assistant and tool turns of the episode; else null |
+
+Every prompt runs as an episode against the task's tools (``rollout``): a single-turn example is one
+turn; a multi-step example goes on while the teacher makes calls (``signals.max_tool_steps``). A
+trace's ``text``, tokens and log-probs are its assistant turns joined; it has no top-k.
 
 With ``signals.score_references``, ``shards/references.parquet`` holds the teacher's teacher-forced
 scores of each clean reference (same columns, ``candidate`` = -1).
@@ -29,6 +34,7 @@ scores of each clean reference (same columns, ``candidate`` = -1).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -38,7 +44,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stillroom import atomic
+from stillroom import atomic, rollout
 from stillroom.plugins import registry
 from stillroom.progress import add, advance, bar
 from stillroom.rundir import StageContext, sha256_json
@@ -66,18 +72,31 @@ def schema(vocab_size: int | None) -> pa.Schema:
         ("topk_ids", pa.list_(pa.list_(id_type))),
         ("topk_logprobs", pa.list_(pa.list_(pa.float16()))),
         ("seq_logprob", pa.float64()),
+        ("messages", pa.string()),
     ]
     )
 
 
-def record(example_id: str, candidate: int, teacher_id: str, g, *, greedy: bool, temperature: float, top_p: float, seed: int) -> dict:
-    """One store row from a ``Generated``."""
+def record(example_id: str, candidate: int, teacher_id: str, g, *, greedy: bool, temperature: float, top_p: float, seed: int,
+           messages: list[dict] | None = None) -> dict:  # fmt: skip
+    """One store row from a ``Generated`` (and, for a multi-step episode, its turns)."""
     return {
         "example_id": example_id, "candidate": candidate, "teacher": teacher_id, "greedy": greedy,
         "temperature": temperature, "top_p": top_p, "seed": seed, "text": g.text, "token_ids": g.token_ids,
         "prompt_tokens": g.prompt_tokens, "finished": g.finished, "token_logprobs": g.token_logprobs,
         "topk_ids": g.topk_ids, "topk_logprobs": g.topk_logprobs, "seq_logprob": g.seq_logprob,
+        "messages": json.dumps(messages, ensure_ascii=False) if messages else None,
     }  # fmt: skip
+
+
+def sample_episodes(endpoint, task, examples: list[dict], messages_of, sampling: Sampling, seed_of, top_k: int,
+                    max_steps: int) -> list[rollout.Episode]:  # fmt: skip
+    """Episodes of ``examples`` against the task's tools; ``seed_of(example, step)`` seeds each turn."""
+
+    def turn(indices, convs, step):
+        return endpoint.complete(convs, sampling, [seed_of(examples[i], step) for i in indices], top_k)
+
+    return rollout.run(turn, task, examples, [messages_of(e) for e in examples], max_steps)
 
 
 def derive_seed(*parts) -> int:
@@ -97,16 +116,28 @@ def read_references(generate_dir: Path, columns: list[str] | None = None) -> lis
     return pq.read_table(path, columns=columns).to_pylist() if path.exists() else []
 
 
-def run(ctx: StageContext) -> None:
-    cfg, s = ctx.cfg, ctx.cfg.signals
-    task = registry().get("task", cfg.data.task)
-    examples = list(read_examples(ctx.inputs["prepare"]).values())
-    shards = [examples[i : i + s.shard_size] for i in range(0, len(examples), s.shard_size)]
+def open_scratch(ctx: StageContext) -> Path:
+    """The stage's resumable scratch folder (named after its key); stale ones from other keys go."""
     scratch = ctx.dir / f".partial-{ctx.key[:16]}"
     for stale in ctx.dir.glob(".partial-*"):
         if stale != scratch:
             shutil.rmtree(stale)
     scratch.mkdir(parents=True, exist_ok=True)
+    return scratch
+
+
+def write_shard(path: Path, rows: list[dict], store_schema: pa.Schema) -> None:
+    rows.sort(key=lambda r: (r["example_id"], r["candidate"]))
+    with atomic.atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_pylist(rows, schema=store_schema), tmp)
+
+
+def run(ctx: StageContext) -> None:
+    cfg, s = ctx.cfg, ctx.cfg.signals
+    task = registry().get("task", cfg.data.task)
+    examples = list(read_examples(ctx.inputs["prepare"]).values())
+    shards = [examples[i : i + s.shard_size] for i in range(0, len(examples), s.shard_size)]
+    scratch = open_scratch(ctx)
     todo = [i for i in range(len(shards)) if not (scratch / f"shard-{i:05d}.parquet").exists()]
     ctx.counts["shards_resumed"] = len(shards) - len(todo)
 
@@ -124,18 +155,19 @@ def run(ctx: StageContext) -> None:
                 sampling = Sampling(s.max_new_tokens, not greedy, s.temperature, s.top_p)
                 for b in range(0, len(shards[i]), s.batch_size):
                     batch = shards[i][b : b + s.batch_size]
-                    seeds = [derive_seed(cfg.run.seed, e["id"], c) for e in batch]
-                    convs = [task.teacher_messages(e, cfg.teacher.context) for e in batch]
-                    for e, seed, g in zip(batch, seeds, teacher.complete(convs, sampling, seeds, s.top_k)):
+                    seed_of = lambda e, step, c=c: derive_seed(cfg.run.seed, e["id"], c, *([step] if step else []))  # noqa: E731
+                    episodes = sample_episodes(teacher, task, batch, lambda e: task.teacher_messages(e, cfg.teacher.context),
+                                               sampling, seed_of, s.top_k, s.max_tool_steps)  # fmt: skip
+                    for e, ep in zip(batch, episodes):
+                        g = ep.combined()
                         rows.append(record(
                             e["id"], c, teacher.id, g, greedy=greedy, temperature=0.0 if greedy else s.temperature,
-                            top_p=1.0 if greedy else s.top_p, seed=0 if greedy else seed,
+                            top_p=1.0 if greedy else s.top_p, seed=0 if greedy else seed_of(e, 0),
+                            messages=ep.messages if ep.multi_turn else None,
                         ))  # fmt: skip
                         new_tokens += len(g.token_ids)
                     advance(progress, job, len(batch), info=f"{new_tokens / (time.time() - started):.1f} tok/s")
-            rows.sort(key=lambda r: (r["example_id"], r["candidate"]))
-            with atomic.atomic_path(scratch / f"shard-{i:05d}.parquet") as tmp:
-                pq.write_table(pa.Table.from_pylist(rows, schema=store_schema), tmp)
+            write_shard(scratch / f"shard-{i:05d}.parquet", rows, store_schema)
     if s.score_references and not (scratch / "references.parquet").exists():
         refs = [e for e in examples if e.get("reference")]
         rows = []
@@ -144,8 +176,7 @@ def run(ctx: StageContext) -> None:
             convs = [task.teacher_messages(e, cfg.teacher.context) for e in batch]
             for e, g in zip(batch, teacher.score(convs, [e["reference"] for e in batch], max(s.top_k, 1))):
                 rows.append(record(e["id"], -1, teacher.id, g, greedy=False, temperature=1.0, top_p=1.0, seed=0))
-        with atomic.atomic_path(scratch / "references.parquet") as tmp:
-            pq.write_table(pa.Table.from_pylist(rows, schema=store_schema), tmp)
+        write_shard(scratch / "references.parquet", rows, store_schema)
         ctx.counts["references_scored"] = len(rows)
     os.replace(scratch, ctx.dir / "shards")
     ctx.timings["generate_s"] = round(time.time() - started, 3)

@@ -1,4 +1,12 @@
-"""Stage `mix`: from selected teacher sequences and clean references to the training mixture.
+"""Stage `mix`: from the selected signals and clean references to the training mixture.
+
+Sources (``source`` of a record), by ``signals.kind`` and ``data.mixture.sources``:
+- ``teacher``: selected single-turn teacher sequences (kinds sequence, logit);
+- ``trace``: selected multi-step teacher traces, with their ``messages`` (kind tool_trace);
+- ``pair``: preference pairs, ``chosen`` and ``rejected`` (kind preference);
+- ``self``: the student's own selected outputs (kind self), capped at ``signals.self.max_share`` of
+  the training records;
+- ``reference``: clean reference answers, and reference traces of multi-step examples.
 
 In order: exact deduplication, near-duplicate removal (MinHash), the contamination check against
 every evaluation example (prompts against prompts, targets against references), then up/down-
@@ -46,21 +54,59 @@ def resample(records: list[dict], weights: dict[str, float], size: int | None, r
     return out, notes
 
 
+def trace_text(messages: list[dict]) -> str:
+    """A trace as one text (assistant and tool turns), for deduplication and the contamination check."""
+    return "\n".join(m["content"] for m in messages)
+
+
+def sources_of(examples: dict, selected: list[dict], pairs: list[dict], sources: set[str], kinds: set[str]) -> list[dict]:
+    """Mixture records from the selected candidates, the pairs and the references; train first."""
+    base = lambda x: {"example_id": x["example_id"], "split": x["split"], "layer": x["layer"], "slice": x["slice"]}  # noqa: E731
+    records = []
+    for s in selected:
+        trace = bool(s.get("messages"))
+        source = "self" if s["origin"] == "self" else "trace" if trace else "teacher"
+        wanted = {"self": "self" in kinds, "trace": "tool_trace" in kinds,
+                  "teacher": "teacher" in sources and bool(kinds & {"sequence", "logit"})}[source]  # fmt: skip
+        if wanted:
+            tag = {"self": "s", "trace": "tr", "teacher": "t"}[source]
+            records.append({"id": f"{s['example_id']}#{tag}{s['candidate']}", **base(s), "source": source, "candidate": s["candidate"],
+                            "text": trace_text(s["messages"]) if trace else s["text"], **({"messages": s["messages"]} if trace else {})})  # fmt: skip
+    if "preference" in kinds:
+        records += [{"id": f"{p['example_id']}#p{k}", **base(p), "source": "pair", "text": p["chosen"], "chosen": p["chosen"],
+                     "rejected": p["rejected"]} for k, p in enumerate(pairs)]  # fmt: skip
+    if "reference" in sources:
+        for e in examples.values():
+            ref = {"example_id": e["id"], **{k: e[k] for k in ("split", "layer", "slice")}}
+            if e.get("reference"):
+                records.append({"id": f"{e['id']}#ref", **base(ref), "source": "reference", "text": e["reference"]})
+            elif e.get("reference_trace"):
+                records.append({"id": f"{e['id']}#ref", **base(ref), "source": "reference", "text": trace_text(e["reference_trace"]),
+                                "messages": e["reference_trace"]})  # fmt: skip
+    records.sort(key=lambda r: (r["split"] != "train", r["id"]))  # train first: its records win ties
+    return records
+
+
+def cap_self(records: list[dict], max_share: float, rng: random.Random) -> tuple[list[dict], dict]:
+    """At most ``max_share`` of the training records may be the student's own (drawn without replacement)."""
+    own = [r for r in records if r["source"] == "self" and r["split"] == "train"]
+    others = sum(r["split"] == "train" for r in records) - len(own)
+    limit = len(own) if max_share >= 1 else int(max_share * others / (1 - max_share))
+    if len(own) <= limit:
+        return records, {"self_records": len(own), "dropped": 0, "max_share": max_share}
+    keep = {r["id"] for r in rng.sample(own, limit)}
+    out = [r for r in records if not (r["source"] == "self" and r["split"] == "train") or r["id"] in keep]
+    return out, {"self_records": limit, "dropped": len(own) - limit, "max_share": max_share}
+
+
 def run(ctx: StageContext) -> None:
     cfg, m = ctx.cfg, ctx.cfg.data.mixture
     examples = read_examples(ctx.inputs["prepare"])
     evals = read_split(ctx.inputs["prepare"], "eval")
     selected = atomic.read_jsonl(ctx.inputs["select"] / "selected.jsonl")
 
-    # 1) sources: selected teacher sequences and clean references
-    sources = set(m.sources)
-    records = [] if "teacher" not in sources else [{"id": f"{s['example_id']}#t{s['candidate']}", "example_id": s["example_id"], "split": s["split"],
-                "layer": s["layer"], "slice": s["slice"], "source": "teacher", "candidate": s["candidate"], "text": s["text"]}
-               for s in selected]  # fmt: skip
-    records += [{"id": f"{e['id']}#ref", "example_id": e["id"], "split": e["split"], "layer": e["layer"],
-                 "slice": e["slice"], "source": "reference", "text": e["reference"]}
-                for e in examples.values() if e.get("reference") and "reference" in sources]  # fmt: skip
-    records.sort(key=lambda r: (r["split"] != "train", r["id"]))  # train first: its records win ties
+    # 1) sources: selected signals and clean references
+    records = sources_of(examples, selected, atomic.read_jsonl(ctx.inputs["select"] / "pairs.jsonl"), set(m.sources), set(cfg.signals.kind))
     card = {"steps": {"sources": counts(records)}}
 
     # 2) duplicates, on prompt + target
@@ -81,7 +127,8 @@ def run(ctx: StageContext) -> None:
     hits = contamination.find([(r["id"], examples[r["example_id"]]["request"]) for r in records],
                               [(e["id"], e["request"]) for e in evals], field="prompt", n=c.n, threshold=c.threshold)  # fmt: skip
     hits += contamination.find([(r["id"], r["text"]) for r in records],
-                               [(e["id"], e["reference"]) for e in evals if e.get("reference")],
+                               [(e["id"], e.get("reference") or trace_text(e["reference_trace"])) for e in evals
+                                if e.get("reference") or e.get("reference_trace")],
                                field="target", n=c.n, threshold=c.threshold)  # fmt: skip
     flagged = {h.train_id for h in hits}
     card["contamination"] = {
@@ -96,7 +143,8 @@ def run(ctx: StageContext) -> None:
         records = [r for r in records if r["id"] not in flagged]
     card["steps"]["after_contamination"] = counts(records)
 
-    # 4) the train split drawn to the layer weights; dev kept as is
+    # 4) the cap on self-made records, then the train split drawn to the layer weights; dev kept as is
+    records, card["self_cap"] = cap_self(records, cfg.signals.self.max_share, random.Random(f"{cfg.run.seed}/self"))
     train = [r for r in records if r["split"] == "train"]
     dev = [{**r, "repeat": 0} for r in records if r["split"] == "dev"]
     if m.resample:

@@ -71,6 +71,9 @@ def blocks(cfg, results: dict, verdict: dict, card: dict, mix_card: dict, manife
         *_group_table(t, s, d, "layer", names),
         ("h2", "Per slice"),
         *_group_table(t, s, d, "slice", names),
+        *_multi_step(models),
+        *_drift(results, models),
+        *_previous(results, models),
         ("h2", "Safety and refusal"),
         ("p", "Unsafe compliance: share of examples that must be declined where the model went along. Over-refusal: "
               "share of examples that must be answered where the model declined. Lower is better for both."),
@@ -99,6 +102,44 @@ def blocks(cfg, results: dict, verdict: dict, card: dict, mix_card: dict, manife
         ("pre", json.dumps(manifests["eval"]["versions"], indent=1)),
     ]
     return out
+
+
+def _multi_step(models: dict) -> list[tuple]:
+    """The multi-step slice on its own: correct calls in order and a final answer that quotes the tools."""
+    if not any("multi_step" in m["per_slice"] for m in models.values()):
+        return []
+    return [("h2", "Multi-step tasks"),
+            ("p", "Look something up, act on what came back, then answer quoting the action's result; played out against "
+                  "the example's deterministic tools. Completed = the expected calls in order and a consistent final answer."),
+            ("table", ["model", "completed", "n"],
+             [[name, _ci(m["per_slice"].get("multi_step", {}).get("task_success")),
+               m["per_slice"].get("multi_step", {}).get("task_success", {}).get("n", 0)] for name, m in models.items()])]  # fmt: skip
+
+
+def _drift(results: dict, models: dict) -> list[tuple]:
+    drift = results.get("drift_vs_teacher") or {}
+    if not drift:
+        return []
+    return [("h2", "Drift against the teacher"),
+            ("p", "Length and format of each model's answers next to the teacher's on the same examples: a student that "
+                  "games a preference or verifier signal by writing longer, or by dropping the format, shows here."),
+            ("table", ["model", "mean new tokens", "teacher's", "length ratio", "mean characters", "teacher's", "format validity delta (points)"],
+             [[name, d["mean_new_tokens"], d["teacher_mean_new_tokens"], d["length_ratio"], d["mean_chars"], d["teacher_mean_chars"],
+               f"{100 * d['format_validity_delta']:+.1f}"] for name, d in drift.items() if name in models])]  # fmt: skip
+
+
+def _previous(results: dict, models: dict) -> list[tuple]:
+    d = results.get("deltas_student_vs_previous")
+    if not d or "previous" not in models:
+        return []
+    rows = [["all", _ci(models["previous"]["metrics"]["task_success"]), _ci(models["student"]["metrics"]["task_success"]),
+             _delta(d["all"]["all"]["task_success"])]]  # fmt: skip
+    rows += [[layer, _ci(models["previous"]["per_layer"][layer]["task_success"]), _ci(models["student"]["per_layer"].get(layer, {}).get("task_success")),
+              _delta(d["layer"].get(layer, {}).get("task_success"))] for layer in sorted(models["previous"]["per_layer"])]  # fmt: skip
+    return [("h2", "Against the previous student"),
+            ("p", "The earlier student (`eval.previous`) on the same held-out examples: self-distillation must not amplify its "
+                  "own mistakes."),
+            ("table", ["layer", "previous", "this student", "this - previous (points)"], rows)]
 
 
 def _compression_and_cascade(results: dict, models: dict) -> list[tuple]:
@@ -150,6 +191,10 @@ def _data_card(card: dict, mix_card: dict) -> list[tuple]:
             [[layer, c["examples"], c["candidates"], c["passing_candidates"], c["selected"],
               "; ".join(f"{k} x{n}" for k, n in c["rejections"].items()) or "none",
               "; ".join(f"{k} x{n}" for k, n in c["reference_rejections"].items()) or "-"] for layer, c in card["per_layer"].items()])]  # fmt: skip
+    if card.get("pairs"):
+        out.append(("p", f"Preference pairs: {card['pairs']['total']} (ranked by `{card['pairs']['rank_by']}`; the clean reference "
+                         f"chosen in {card['pairs']['chosen_from_reference']}). Student's own candidates: "
+                         + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in card["self"].items()) + "."))  # fmt: skip
     if card["reason_examples"]:
         out.append(("p", "Rejected outputs, one per reason: " + " · ".join(
             f"`{reason}` ({exs[0]['example_id']}): `{exs[0]['output'].replace('`', chr(39)).replace(chr(10), ' ')[:120]}`"
@@ -166,6 +211,12 @@ def _data_card(card: dict, mix_card: dict) -> list[tuple]:
 def _training(manifests: dict) -> list[tuple]:
     tr, tcfg = manifests["train"]["counts"], manifests["train"]["config"]["train"]
     objective = f"CE on teacher sequences x{tcfg['sft_weight']}, on references x{tcfg['reference_weight']}"
+    if tcfg.get("trace_weight"):
+        objective += f", on the assistant turns of teacher traces x{tcfg['trace_weight']}"
+    if tcfg.get("self_weight"):
+        objective += f", on the student's own verified outputs x{tcfg['self_weight']}"
+    if tcfg.get("pref_weight"):
+        objective += f", {tcfg['pref_loss']} (beta {tcfg['pref_beta']}) on {tr.get('pair_rows', 0)} pairs x{tcfg['pref_weight']}"
     if tcfg["kd_weight"] > 0:
         objective += (f", {tcfg['kd_loss']} to the {tcfg['teacher_mode']} teacher x{tcfg['kd_weight']} at T={tcfg['kd_temperature']}"
                       + (f" (top-k tail: {tcfg['kd_tail']})" if tcfg["teacher_mode"] == "offline" else " (dense)"))  # fmt: skip
@@ -178,6 +229,28 @@ def _training(manifests: dict) -> list[tuple]:
                   f"{' (weights restored)' if tr['restored_best'] else ''}{', stopped early' if tr['early_stopped'] else ''}; "
                   f"{tr['tokens_per_s']} tokens/s. Student origin: "
                   f"{json.dumps({k: tr[k] for k in ('pruned_from', 'prune_by', 'layers', 'from') if k in tr})}.")]  # fmt: skip
+
+
+def variants_blocks(summary: dict) -> list[tuple]:
+    """The "distillation variants" table: one run per signal kind (or any override), same student and step
+    budget, held-out task success overall and per layer next to the teacher's, with paired deltas."""
+    variants = summary["variants"]
+    layers = sorted({k for v in variants.values() for k in v["per_layer_task_success"]})
+    first = next(iter(variants), None)
+    teacher = next(iter(variants.values()))["teacher_task_success"] if variants else None
+    rows = [["teacher (few-shot)", "-", "-", _ci(teacher), *[_ci(next(iter(variants.values()))["teacher_per_layer_task_success"].get(k)) for k in layers],
+             "-", "-", "-", "-"]] if variants else []  # fmt: skip
+    for name, v in variants.items():
+        vs_first = v.get(f"task_success_minus_{first}")
+        rows.append([name, ", ".join(v["overrides"]) or "-", v["steps"], _ci(v["task_success"]),
+                     *[_ci(v["per_layer_task_success"].get(k)) for k in layers], _ci(v.get("multi_step_task_success")),
+                     _ci(v["format_validity"]), v.get("length_ratio_vs_teacher", "-"), _delta(vs_first) if vs_first else "-"])  # fmt: skip
+    return [("h1", "Distillation variants"),
+            ("p", f"Config `{summary['config']}`, seed {summary['seed']}: the same data stages, student and step budget for every "
+                  f"variant; held-out split, 95% bootstrap intervals; the last column is the paired difference against `{first}` "
+                  "on the same examples (⚑: the interval excludes 0)."),
+            ("table", ["variant", "overrides", "steps", "task success", *layers, "multi_step", "format validity",
+                       "length vs teacher", f"- {first} (points)"], rows)]  # fmt: skip
 
 
 def to_markdown(items: list[tuple], chart_prefix: str) -> str:

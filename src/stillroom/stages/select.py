@@ -6,9 +6,21 @@ Policies (per example, among candidates that pass every verifier; ties go to the
 - ``best_of_n``: the highest ``score`` (teacher sequence log-prob, or a verifier's score);
 - ``majority``: self-consistency, the largest group of identical normalized outputs.
 
+The student's own candidates (stage `self_generate`, signal ``self``) pass the same verifiers and, on
+single-turn answers, the teacher's score (``signals.self.min_teacher_logprob``, mean token log-prob
+under the teacher); the same policy picks among the survivors.
+
+Preference pairs (signal ``preference``) come from each train/dev prompt's single-turn teacher
+candidates, plus its clean reference as a passing candidate when ``preference.include_reference``:
+``rank_by: verifiers`` pairs passing candidates (the reference first, then by teacher mean log-prob)
+with failing ones (most likely under the teacher first: the hardest negatives); ``rank_by:
+teacher_logprob`` pairs the highest against the lowest mean log-prob when they differ by
+``min_margin``. Eval examples never reach the signal store, so pairs never use them.
+
 Writes ``verdicts.parquet`` (every candidate's verdicts, keyed like the signal store), ``selected.jsonl``
-(what the mixture reads) and ``card.json`` (per layer: candidates, passing, kept, rejections by
-verifier and reason with examples; the ``reference`` verifier's rejections are listed apart).
+(what the mixture reads; ``origin`` teacher or self), ``pairs.jsonl`` and ``card.json`` (per layer:
+candidates, passing, kept, rejections by verifier and reason with examples; the ``reference``
+verifier's rejections are listed apart; the self candidates' filter counts; pairs per layer).
 """
 
 from __future__ import annotations
@@ -26,7 +38,36 @@ from stillroom.stages.prepare import read_examples
 from stillroom.textnorm import normalize
 
 REASON_EXAMPLES = 3  # example outputs kept per rejection reason in the card
-COLUMNS = ["example_id", "candidate", "text", "token_ids", "seq_logprob"]
+COLUMNS = ["example_id", "candidate", "text", "token_ids", "seq_logprob", "messages"]
+
+
+def mean_logprob(cand: dict) -> float:
+    """The teacher's mean log-prob per token (end-of-turn included) of a candidate; -inf when unknown."""
+    if cand.get("seq_logprob") is None:
+        return float("-inf")
+    return cand["seq_logprob"] / (len(cand["token_ids"]) + 1)
+
+
+def pairs_for(cands: list[dict], reference: dict | None, pref) -> list[tuple[dict, dict]]:
+    """(chosen, rejected) from one prompt's candidates (each with ``text``, ``passed``, ``candidate``,
+    and a mean log-prob under ``lp``); ``reference`` joins as a passing candidate."""
+    pool = cands + ([reference] if reference is not None else [])
+    if pref.rank_by == "verifiers":
+        good = sorted((c for c in pool if c["passed"]), key=lambda c: (c["candidate"] != -1, -c["lp"], c["candidate"]))
+        bad = sorted((c for c in pool if not c["passed"]), key=lambda c: (-c["lp"], c["candidate"]))
+        pairs = list(zip(good, bad))
+    else:
+        ranked = sorted(pool, key=lambda c: (-c["lp"], c["candidate"]))
+        pairs = [(ranked[i], ranked[-1 - i]) for i in range(len(ranked) // 2) if ranked[i]["lp"] - ranked[-1 - i]["lp"] >= max(pref.min_margin, 1e-9)]
+    pairs = [(a, b) for a, b in pairs if normalize(a["text"]) != normalize(b["text"])]
+    return pairs[: pref.max_pairs_per_example]
+
+
+def _candidates(path, columns):
+    for cand in read_candidates(path, columns=columns):
+        if cand.get("messages"):
+            cand["messages"] = json.loads(cand["messages"])
+        yield cand
 
 
 def choose(cands: list[dict], policy: str, score: str) -> list[dict]:
@@ -49,13 +90,13 @@ def choose(cands: list[dict], policy: str, score: str) -> list[dict]:
 
 
 def run(ctx: StageContext) -> None:
-    sel = ctx.cfg.data.select
+    sel, signals = ctx.cfg.data.select, ctx.cfg.signals
     examples = read_examples(ctx.inputs["prepare"])
     checks = [verifiers.build(entry) for entry in sel.verifiers]
-    verdict_rows, passing = [], collections.defaultdict(list)
+    verdict_rows, passing, by_example = [], collections.defaultdict(list), collections.defaultdict(list)
     rejected, not_applicable = collections.Counter(), collections.Counter()
     reason_examples = collections.defaultdict(list)
-    for cand in read_candidates(ctx.inputs["generate"], columns=COLUMNS):
+    for cand in _candidates(ctx.inputs["generate"], COLUMNS):
         ex = examples[cand["example_id"]]
         verdicts = {name: check(ex, cand) for name, check in checks}
         ok = all(v.passed for v in verdicts.values())
@@ -63,6 +104,8 @@ def run(ctx: StageContext) -> None:
                              "verdicts": json.dumps({n: [v.passed, v.reason, v.score] for n, v in verdicts.items()})})  # fmt: skip
         if ok:
             passing[cand["example_id"]].append({**cand, "scores": {n: v.score for n, v in verdicts.items()}})
+        if not cand.get("messages"):
+            by_example[cand["example_id"]].append({"candidate": cand["candidate"], "text": cand["text"], "passed": ok, "lp": mean_logprob(cand)})
         for name, v in verdicts.items():
             if v.reason == "n/a":
                 not_applicable[(ex["layer"], name)] += 1
@@ -71,18 +114,29 @@ def run(ctx: StageContext) -> None:
                 rejected[(ex["layer"], key)] += 1
                 if len(reason_examples[key]) < REASON_EXAMPLES:
                     reason_examples[key].append({"example_id": ex["id"], "output": cand["text"][:200], "detail": v.reason})
-    selected = []
-    for ex_id in sorted(passing):
-        ex = examples[ex_id]
-        for c in choose(passing[ex_id], sel.policy, sel.score):
-            selected.append({"example_id": ex_id, "candidate": c["candidate"], "split": ex["split"],
-                             "layer": ex["layer"], "slice": ex["slice"], "text": c["text"]})  # fmt: skip
+
+    def picked(pool: dict, origin: str) -> list[dict]:
+        out = []
+        for ex_id in sorted(pool):
+            ex = examples[ex_id]
+            for c in choose(pool[ex_id], sel.policy, sel.score):
+                out.append({"example_id": ex_id, "candidate": c["candidate"], "split": ex["split"], "layer": ex["layer"],
+                            "slice": ex["slice"], "text": c["text"], "origin": origin,
+                            **({"messages": c["messages"]} if c.get("messages") else {})})  # fmt: skip
+        return out
+
+    selected = picked(passing, "teacher")
+    self_pool, self_counts = select_own(ctx, examples, checks, signals.self.min_teacher_logprob)
+    selected += picked(self_pool, "self")
+    pairs = build_pairs(ctx, examples, by_example, signals.preference)
     with atomic.atomic_path(ctx.dir / "verdicts.parquet") as tmp:
         pq.write_table(pa.Table.from_pylist(verdict_rows, schema=pa.schema([
             ("example_id", pa.string()), ("candidate", pa.int32()), ("passed", pa.bool_()), ("verdicts", pa.string()),
         ])), tmp)  # fmt: skip
     atomic.write_jsonl(ctx.dir / "selected.jsonl", selected)
+    atomic.write_jsonl(ctx.dir / "pairs.jsonl", pairs)
     layer_of = {r["example_id"]: examples[r["example_id"]]["layer"] for r in verdict_rows}
+    teacher_selected = [s for s in selected if s["origin"] == "teacher"]
     card = {
         "verifiers": [verifiers.parse_entry(e)[0] for e in sel.verifiers],
         "policy": sel.policy,
@@ -91,15 +145,59 @@ def run(ctx: StageContext) -> None:
                 "examples": sum(e["layer"] == layer for e in examples.values()),
                 "candidates": sum(layer_of[r["example_id"]] == layer for r in verdict_rows),
                 "passing_candidates": sum(r["passed"] and layer_of[r["example_id"]] == layer for r in verdict_rows),
-                "examples_with_a_selection": len({s["example_id"] for s in selected if s["layer"] == layer}),
-                "selected": sum(s["layer"] == layer for s in selected),
+                "examples_with_a_selection": len({s["example_id"] for s in teacher_selected if s["layer"] == layer}),
+                "selected": sum(s["layer"] == layer for s in teacher_selected),
                 "rejections": {k: n for (lay, k), n in sorted(rejected.items()) if lay == layer and not k.startswith("reference:")},
                 "reference_rejections": {k: n for (lay, k), n in sorted(rejected.items()) if lay == layer and k.startswith("reference:")},
                 "not_applicable": {k: n for (lay, k), n in sorted(not_applicable.items()) if lay == layer},
+                "pairs": sum(p["layer"] == layer for p in pairs),
             }
             for layer in sorted({e["layer"] for e in examples.values()})
         },
         "reason_examples": dict(sorted(reason_examples.items())),
+        "self": {**self_counts, "selected": sum(s["origin"] == "self" for s in selected)},
+        "pairs": {"total": len(pairs), "rank_by": signals.preference.rank_by,
+                  "chosen_from_reference": sum(p["chosen_from"] == "reference" for p in pairs)},  # fmt: skip
     }
     atomic.write_json(ctx.dir / "card.json", card)
-    ctx.counts.update(candidates=len(verdict_rows), passing=sum(r["passed"] for r in verdict_rows), selected=len(selected))
+    ctx.counts.update(candidates=len(verdict_rows), passing=sum(r["passed"] for r in verdict_rows), selected=len(teacher_selected),
+                      self_selected=card["self"]["selected"], pairs=len(pairs))  # fmt: skip
+
+
+def select_own(ctx: StageContext, examples: dict, checks, min_teacher_logprob: float | None) -> tuple[dict, dict]:
+    """The student's own candidates that pass every verifier and, where scored, the teacher's bar."""
+    pool, counts = collections.defaultdict(list), collections.Counter()
+    for cand in _candidates(ctx.inputs["self_generate"], [*COLUMNS, "teacher_mean_logprob"]):
+        counts["candidates"] += 1
+        ex = examples[cand["example_id"]]
+        verdicts = {name: check(ex, cand) for name, check in checks}
+        if not all(v.passed for v in verdicts.values()):
+            continue
+        counts["passing_verifiers"] += 1
+        score = cand["teacher_mean_logprob"]
+        if min_teacher_logprob is not None and score is not None and score < min_teacher_logprob:
+            counts["below_teacher_bar"] += 1
+            continue
+        counts["kept"] += 1
+        pool[cand["example_id"]].append({**cand, "scores": {n: v.score for n, v in verdicts.items()}})
+    return pool, {k: counts[k] for k in ("candidates", "passing_verifiers", "below_teacher_bar", "kept")}
+
+
+def build_pairs(ctx: StageContext, examples: dict, by_example: dict, pref) -> list[dict]:
+    """Preference pairs per train/dev example from its single-turn candidates (and reference)."""
+    from stillroom.stages.generate import read_references
+
+    ref_lp = {r["example_id"]: mean_logprob(r) for r in read_references(ctx.inputs["generate"], ["example_id", "token_ids", "seq_logprob"])}
+    out = []
+    for ex_id in sorted(by_example):
+        ex = examples[ex_id]
+        ref = None
+        if pref.include_reference and ex.get("reference"):
+            ref = {"candidate": -1, "text": ex["reference"], "passed": True, "lp": ref_lp.get(ex_id, float("-inf"))}
+        for chosen, rejected in pairs_for(by_example[ex_id], ref, pref):
+            label = lambda c: "reference" if c["candidate"] == -1 else f"candidate {c['candidate']}"  # noqa: E731
+            out.append({"example_id": ex_id, "split": ex["split"], "layer": ex["layer"], "slice": ex["slice"],
+                        "chosen": chosen["text"], "rejected": rejected["text"], "chosen_from": label(chosen),
+                        "rejected_from": label(rejected), "margin": round(chosen["lp"] - rejected["lp"], 4)
+                        if chosen["lp"] > float("-inf") and rejected["lp"] > float("-inf") else None})  # fmt: skip
+    return out

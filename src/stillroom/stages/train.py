@@ -6,14 +6,21 @@ completion, each row weighted by its source and layer; teacher top-k or the teac
 KD), 3) the loop: AdamW, warmup + cosine, accumulation, clipping, dev loss, early stopping,
 checkpoints that resume bit-exactly, data parallel under torchrun, 4) save a standard HF folder.
 
-The objective of one optimizer step, over the completion tokens of all its micro-batches and processes:
+The objective of one optimizer step, over the completion tokens and pairs of all its micro-batches and
+processes:
 
     loss = (sum_tokens  w_row * CE(student, target)  +  kd_weight * w_layer * D(teacher || student)) / tokens
+         + (sum_pairs   pref_weight * w_layer * P(chosen, rejected)) / pairs
 
-w_row is the source weight (``sft_weight`` on selected teacher sequences, ``reference_weight`` on clean
-references) times the layer weight; D is ``kd_loss`` at ``kd_temperature`` (losses.py), on the stored
-top-k (offline) or on the teacher's dense logits computed in the step (online). Logits exist
-``loss_chunk`` tokens at a time (losses.fused_linear_loss).
+w_row is the source weight (``sft_weight`` on selected teacher sequences, ``trace_weight`` on the
+assistant turns of teacher traces, ``self_weight`` on the student's own verified outputs,
+``reference_weight`` on clean references) times the layer weight; D is ``kd_loss`` at
+``kd_temperature`` (losses.py), on the stored top-k (offline) or on the teacher's dense logits
+computed in the step (online); P is ``pref_loss`` (DPO against the student as it was before
+training, whose log-probs are computed once up front, or reference-free SimPO). Logits exist
+``loss_chunk`` tokens at a time (losses.fused_linear_loss); a pair's log-probs take the head over its
+completion positions only. Multi-step traces are encoded turn by turn through the chat template: only
+the assistant's turns carry labels, the prompt and the tool results do not.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import torch.nn.functional as F
 
 from stillroom import atomic, checkpoints, generation, models
 from stillroom import distributed as dist
-from stillroom.losses import dense_divergence, fused_linear_loss, sparse_divergence
+from stillroom.losses import dense_divergence, fused_linear_loss, preference_loss, sparse_divergence
 from stillroom.plugins import registry
 from stillroom.progress import add, advance, bar
 from stillroom.rundir import StageContext
@@ -66,6 +73,38 @@ def encode(tokenizer, prompt: str, completion: str | list[int], max_length: int,
     return row
 
 
+def encode_turns(tokenizer, prompt_messages: list[dict], turns: list[dict], max_length: int, weight: float,
+                 layer_weight: float = 1.0) -> dict:  # fmt: skip
+    """One training row from a multi-step trace: the prompt, then each assistant turn (labelled: its
+    content and end-of-turn) and tool turn (not labelled), as the chat template renders them."""
+    eot = generation.end_of_turn_id(tokenizer)
+    ids, labels, covered, conv = [], [], "", list(prompt_messages)
+
+    def add(text: str, train: bool) -> None:
+        t = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        ids.extend(t)
+        labels.extend(t if train else [-100] * len(t))
+
+    for m in turns:
+        if m["role"] == "assistant":
+            prefix = generation.render(tokenizer, conv)
+            if not prefix.startswith(covered):
+                raise RuntimeError("the chat template does not render a conversation turn by turn; traces need one that does")
+            add(prefix[len(covered):], False)
+            add(m["content"], True)
+            ids.append(eot)
+            labels.append(eot)
+            covered = prefix + m["content"] + tokenizer.decode([eot])
+        conv.append(m)
+    return {"ids": ids[:max_length], "labels": labels[:max_length], "weight": weight, "layer_weight": layer_weight, "topk": None}
+
+
+def encode_pair(tokenizer, prompt: str, chosen: str, rejected: str, max_length: int, weight: float) -> dict:
+    """A preference row: the same prompt with its chosen and its rejected completion."""
+    return {"pair": True, "chosen": encode(tokenizer, prompt, chosen, max_length, 0.0), "weight": weight,
+            "rejected": encode(tokenizer, prompt, rejected, max_length, 0.0), "ref": (0.0, 0.0)}  # fmt: skip
+
+
 def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
     out = torch.full((len(seqs), max(len(s) for s in seqs)), value)
     for i, s in enumerate(seqs):
@@ -76,7 +115,24 @@ def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded [B, T] ids, labels, attention mask; [B] weights; with teacher top-k, [B, T, k] ids
     and log-probs and a [B, T] mask aligned with the labels; with a teacher prompt, the teacher's
-    [B, T'] ids, labels and mask."""
+    [B, T'] ids, labels and mask. Preference rows go to ``pair_*``: [2P, T] ids, labels and mask
+    (the P chosen completions, then the P rejected), [P] weights and reference log-probs."""
+    pairs, rows = [r for r in rows if r.get("pair")], [r for r in rows if not r.get("pair")]
+    batch = _collate_pairs(pairs, pad_id) if pairs else {}
+    if rows:
+        batch.update(_collate_rows(rows, pad_id))
+    return batch
+
+
+def _collate_pairs(pairs: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    sides = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    return {"pair_input_ids": _pad([r["ids"] for r in sides], pad_id), "pair_labels": _pad([r["labels"] for r in sides], -100),
+            "pair_attention_mask": _pad([[1] * len(r["ids"]) for r in sides], 0),
+            "pair_weights": torch.tensor([p["weight"] for p in pairs], dtype=torch.float32),
+            "pair_ref": torch.tensor([p["ref"] for p in pairs], dtype=torch.float32)}  # fmt: skip
+
+
+def _collate_rows(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     ids, labels = _pad([r["ids"] for r in rows], pad_id), _pad([r["labels"] for r in rows], -100)
     batch = {"input_ids": ids, "labels": labels, "attention_mask": _pad([[1] * len(r["ids"]) for r in rows], 0),
              "weights": torch.tensor([r["weight"] for r in rows], dtype=torch.float32),
@@ -104,7 +160,33 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def completion_tokens(batch: dict[str, torch.Tensor]) -> int:
-    return int((batch["labels"][:, 1:] != -100).sum())
+    return int((batch["labels"][:, 1:] != -100).sum()) if "labels" in batch else 0
+
+
+def pair_count(batch: dict[str, torch.Tensor]) -> int:
+    return len(batch["pair_weights"]) if "pair_weights" in batch else 0
+
+
+def sequence_logprobs(student, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of log p(label) over each row's labelled positions, and their count: [B] and [B].
+    The head runs on the labelled positions only ([N, V], N = labelled tokens in the batch)."""
+    decoder, head = models.decoder_and_head(student)
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    at = labels[:, 1:] != -100
+    logits = F.linear(hidden[:, :-1][at], head.weight, head.bias).float()  # [N, V]
+    token_lp = logits.log_softmax(-1).gather(-1, labels[:, 1:][at][:, None]).squeeze(-1)  # [N]
+    row = torch.arange(len(labels), device=labels.device)[:, None].expand_as(at)[at]  # [N]
+    sums = torch.zeros(len(labels), device=token_lp.device, dtype=token_lp.dtype).index_add(0, row, token_lp)
+    return sums, at.sum(-1)
+
+
+def pair_loss(student, batch: dict[str, torch.Tensor], kind: str = "dpo", beta: float = 0.1, gamma: float = 0.5) -> torch.Tensor:
+    """The preference objective of a micro-batch's pairs, weighted and summed (not averaged). Scalar."""
+    lp, n = sequence_logprobs(student, batch["pair_input_ids"], batch["pair_attention_mask"], batch["pair_labels"])
+    p = len(batch["pair_weights"])
+    losses = preference_loss(lp[:p], lp[p:], kind, beta, ref_chosen_lp=batch["pair_ref"][:, 0], ref_rejected_lp=batch["pair_ref"][:, 1],
+                             chosen_len=n[:p], rejected_len=n[p:], gamma=gamma)  # fmt: skip
+    return (losses * batch["pair_weights"]).sum()
 
 
 def completion_loss(
@@ -149,20 +231,24 @@ def completion_loss(
 
 class Objective(torch.nn.Module):
     """The student and its loss in one module, so DistributedDataParallel sees every use of the weights
-    (the head is applied inside the loss, chunk by chunk)."""
+    (the head is applied inside the loss, chunk by chunk). Returns the micro-batch's share of the step
+    loss: its token-level sum over the step's tokens plus its pair-level sum over the step's pairs."""
 
-    def __init__(self, student, **loss_options):
+    def __init__(self, student, pref: dict | None = None, **loss_options):
         super().__init__()
-        self.student, self.loss_options = student, loss_options
+        self.student, self.loss_options, self.pref = student, loss_options, pref or {}
 
-    def forward(self, batch, teacher=None):
-        return completion_loss(self.student, batch, teacher, **self.loss_options)
+    def forward(self, batch, teacher=None, n_tokens: int = 1, n_pairs: int = 1):
+        loss = completion_loss(self.student, batch, teacher, **self.loss_options) / max(n_tokens, 1) if "labels" in batch else 0.0
+        if "pair_weights" in batch:
+            loss = loss + pair_loss(self.student, batch, **self.pref) / max(n_pairs, 1)
+        return loss
 
 
 @torch.no_grad()
 def teacher_targets(teacher, batch) -> tuple | None:
     """Online KD: the teacher's final hidden states at its completion positions, [N, H_t], and its head."""
-    if teacher is None:
+    if teacher is None or "teacher_input_ids" not in batch:
         return None
     decoder, head = teacher
     hidden = decoder(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"]).last_hidden_state
@@ -171,17 +257,29 @@ def teacher_targets(teacher, batch) -> tuple | None:
 
 @torch.no_grad()
 def dev_loss(objective, rows, batch_size: int, pad_id: int, teacher, device) -> float | None:
-    """Mean of the objective per completion token on the dev rows (no dropout)."""
+    """The objective on the dev rows (no dropout): per completion token, plus per pair."""
     if not rows:
         return None
     objective.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(rows), batch_size):
-        b = _to(collate(rows[i : i + batch_size], pad_id), device)
-        total += objective(b, teacher_targets(teacher, b)).item()
-        count += completion_tokens(b)
+    batches = [_to(collate(rows[i : i + batch_size], pad_id), device) for i in range(0, len(rows), batch_size)]
+    n_tokens, n_pairs = sum(map(completion_tokens, batches)), sum(map(pair_count, batches))
+    total = sum(float(objective(b, teacher_targets(teacher, b), n_tokens, n_pairs)) for b in batches)
     objective.train()
-    return total / max(count, 1)
+    return total
+
+
+@torch.no_grad()
+def reference_logprobs(pairs: list[dict], model, batch_size: int, device) -> None:
+    """DPO's reference: each pair's chosen and rejected log-probs under ``model`` as it is now, stored in the row."""
+    was_training = model.training
+    model.eval()
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i : i + batch_size]
+        b = _to(_collate_pairs(chunk, 0), device)
+        lp, _ = sequence_logprobs(model, b["pair_input_ids"], b["pair_attention_mask"], b["pair_labels"])
+        for j, row in enumerate(chunk):
+            row["ref"] = (float(lp[j]), float(lp[len(chunk) + j]))
+    model.train(was_training)
 
 
 def set_dropout(model, p: float) -> None:
@@ -270,48 +368,64 @@ def run(ctx: StageContext) -> None:
         teacher = models.decoder_and_head(teacher_model)
     ctx.timings["build_student_s"] = round(time.time() - t0, 3)
 
-    # 2) data: the mixture's records (selected teacher sequences, clean references) behind the
-    #    student's context-free prompt, each weighted by its source and layer
-    source_weight = {"teacher": t.sft_weight, "reference": t.reference_weight}
+    # 2) data: the mixture's records (teacher sequences and traces, the student's own outputs, pairs,
+    #    clean references) behind the student's context-free prompt, each weighted by its source and layer
+    source_weight = {"teacher": t.sft_weight, "trace": t.trace_weight, "self": t.self_weight, "reference": t.reference_weight,
+                     "pair": t.pref_weight}  # fmt: skip
     per_layer = layer_weights(mixture, cfg.data.layer_weights, cfg.data.mixture.resample)
     signals = {}
     if t.kd_weight > 0 and t.teacher_mode == "offline":  # the teacher's own tokens and top-k
-        wanted = {(r["example_id"], r.get("candidate", -1)) for r in mixture}
+        wanted = {(r["example_id"], r.get("candidate", -1)) for r in mixture if r["source"] in ("teacher", "reference")}
         cols = ["example_id", "candidate", "token_ids", "topk_ids", "topk_logprobs"]
         scored = [*read_candidates(ctx.inputs["generate"], columns=cols), *read_references(ctx.inputs["generate"], columns=cols)]
-        signals = {(c["example_id"], c["candidate"]): c for c in scored if (c["example_id"], c["candidate"]) in wanted}
+        signals = {(c["example_id"], c["candidate"]): c for c in scored if (c["example_id"], c["candidate"]) in wanted and c["topk_ids"]}
         if signals and len(tokenizer) < 1 + max(i for c in signals.values() for row in c["topk_ids"] for i in row):
             raise RuntimeError("KD needs the student to share the teacher's vocabulary (a pruned student does)")
     rows = {"train": [], "dev": []}
     for r in mixture:
         ex = examples[r["example_id"]]
+        lw = per_layer.get(r["layer"], 1.0) if r["split"] == "train" else 1.0
+        weight = source_weight[r["source"]] * lw
+        if r["source"] == "pair":
+            prompt = generation.render(tokenizer, task.student_messages(ex))
+            rows[r["split"]].append(encode_pair(tokenizer, prompt, r["chosen"], r["rejected"], t.max_length, weight))
+            continue
+        if r.get("messages"):  # a multi-step trace: loss on the assistant's turns only
+            if teacher is not None:
+                raise RuntimeError("train.teacher_mode: online covers single-turn records; traces need offline KD or none")
+            rows[r["split"]].append(encode_turns(tokenizer, task.student_messages(ex), r["messages"], t.max_length, weight, lw))
+            continue
         prompt = generation.render(tokenizer, task.student_messages(ex))
-        sig = signals.get((r["example_id"], r.get("candidate", -1)))
+        sig = signals.get((r["example_id"], r.get("candidate", -1))) if r["source"] in ("teacher", "reference") else None
         completion, topk = (sig["token_ids"], (sig["topk_ids"], sig["topk_logprobs"])) if sig else (r["text"], None)
         teacher_prompt = generation.render(tokenizer, task.teacher_messages(ex, cfg.teacher.context)) if teacher else None
-        lw = per_layer.get(r["layer"], 1.0) if r["split"] == "train" else 1.0
-        rows[r["split"]].append(encode(tokenizer, prompt, completion, t.max_length, source_weight[r["source"]] * lw,
-                                       topk, teacher_prompt, lw))  # fmt: skip
+        rows[r["split"]].append(encode(tokenizer, prompt, completion, t.max_length, weight, topk, teacher_prompt, lw))
     ctx.counts["records_by_source"] = dict(collections.Counter(f"{r['split']}/{r['source']}" for r in mixture))
-    ctx.counts["kd_rows"] = sum(r["topk"] is not None or "teacher_ids" in r for r in rows["train"]) if t.kd_weight else 0
+    ctx.counts["kd_rows"] = sum(r.get("topk") is not None or "teacher_ids" in r for r in rows["train"]) if t.kd_weight else 0
+    ctx.counts["pair_rows"] = sum(bool(r.get("pair")) for r in rows["train"])
+    ctx.counts["trace_rows"] = sum(bool(r.get("messages")) for r in mixture if r["split"] == "train")
     if t.kd_weight > 0 and ctx.counts["kd_rows"] == 0:
         raise RuntimeError("train.kd_weight > 0 but no training row carries a teacher signal: the mixture's teacher "
                            "records do not match the stored candidates (re-run `mix` with --force mix)")  # fmt: skip
+    if t.pref_weight > 0 and ctx.counts["pair_rows"] == 0:
+        raise RuntimeError("train.pref_weight > 0 but the mixture has no preference pairs (see select/card.json: pairs)")
     if len(rows["train"]) < world:
         raise RuntimeError(
             "no training records: nothing the teacher produced passed the verifiers (see select/card.json) "
             "and the mixture has no other source (see mix/card.json)" if not rows["train"] else
             f"{len(rows['train'])} training records cannot be shared by {world} processes"
         )  # fmt: skip
+    if t.pref_weight > 0 and t.pref_loss == "dpo":  # the reference model of DPO: the student before any step
+        reference_logprobs([r for split in rows.values() for r in split if r.get("pair")], model, t.batch_size, device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     # 3) the loop
-    objective = Objective(model, kd_weight=t.kd_weight, kd_loss=t.kd_loss, kd_temperature=t.kd_temperature,
+    objective = Objective(model, {"kind": t.pref_loss, "beta": t.pref_beta, "gamma": t.simpo_gamma}, kd_weight=t.kd_weight, kd_loss=t.kd_loss, kd_temperature=t.kd_temperature,
                           kd_coef=t.kd_beta if t.kd_loss == "jsd" else t.kd_alpha, kd_tail=t.kd_tail, chunk=t.loss_chunk)  # fmt: skip
     wrapped = torch.nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
     group_size = t.batch_size * t.grad_accum * world  # rows per optimizer step, all processes together
     steps_per_epoch = math.ceil(len(epoch_order(len(rows["train"]), 0, 0, world)) / group_size)
-    total_steps = steps_per_epoch * t.epochs
+    total_steps = min(steps_per_epoch * t.epochs, t.max_steps or steps_per_epoch * t.epochs)
     warmup = max(1, int(t.warmup_fraction * total_steps))
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay, no_decay = [p for n, p in trainable if p.ndim >= 2], [p for n, p in trainable if p.ndim < 2]
@@ -361,18 +475,19 @@ def run(ctx: StageContext) -> None:
                 mine = groups[g][rank::world]  # this process's share of the step
                 batches = [_to(collate([rows["train"][j] for j in mine[i : i + t.batch_size]], pad_id), device)
                            for i in range(0, len(mine), t.batch_size)]  # fmt: skip
-                local = (sum(completion_tokens(b) for b in batches), sum(int(b["attention_mask"].sum()) for b in batches))
-                n_tokens, step_tokens = dist.all_sum(*local)  # completion tokens: the step's normalizer; all tokens: throughput
+                local = (sum(map(completion_tokens, batches)), sum(map(pair_count, batches)),
+                         sum(int(b.get("attention_mask", torch.zeros(0)).sum() + b.get("pair_attention_mask", torch.zeros(0)).sum()) for b in batches))  # fmt: skip
+                n_tokens, n_pairs, step_tokens = dist.all_sum(*local)  # completion tokens and pairs: the normalizers; all tokens: throughput
                 for pg in opt.param_groups:
                     pg["lr"] = t.lr * lr_at(state["step"], total_steps, warmup, t.min_lr_ratio)
                 step_loss = 0.0
                 for i, b in enumerate(batches):  # sum over micro-batches, normalized by the step's tokens
                     sync = contextlib.nullcontext() if world == 1 or i == len(batches) - 1 else wrapped.no_sync()
                     with sync:
-                        loss_sum = wrapped(b, teacher_targets(teacher, b))
-                        (loss_sum * world / max(n_tokens, 1)).backward()  # DDP averages over processes
-                    step_loss += loss_sum.item()
-                step_loss = dist.all_sum(step_loss)[0] / max(n_tokens, 1)
+                        loss = wrapped(b, teacher_targets(teacher, b), n_tokens, n_pairs)
+                        (loss * world).backward()  # DDP averages over processes
+                    step_loss += loss.item()
+                step_loss = dist.all_sum(step_loss)[0]
                 grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], t.grad_clip).item()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -385,7 +500,7 @@ def run(ctx: StageContext) -> None:
                 advance(progress, job, 1, info=f"loss {step_loss:.3f} {tps:.0f} tok/s")
                 if t.eval_every and state["step"] % t.eval_every == 0:
                     evaluate_dev()
-                if state["stopped"]:
+                if state["stopped"] or state["step"] >= total_steps:  # early stop, or the step budget (train.max_steps)
                     break
                 if state["step"] % t.checkpoint_every == 0:
                     checkpoint()
@@ -394,10 +509,9 @@ def run(ctx: StageContext) -> None:
             if not t.eval_every:
                 evaluate_dev()
             state.update(epoch=epoch + 1, group=0)
-            if not state["stopped"]:
-                checkpoint()
-            else:
+            if state["stopped"] or state["step"] >= total_steps:
                 break
+            checkpoint()
 
     # 4) save: the best dev weights when asked, LoRA merged into a standard folder
     elapsed = state["elapsed"] + time.time() - started
