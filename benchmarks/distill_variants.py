@@ -29,7 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-BUDGET = ["train.max_steps=60", "train.epochs=50", "compress.quantize=none", "route.enabled=false"]
+BUDGET = ["train.max_steps=60", "train.epochs=50", "compress.quantize=none", "route.enabled=false", "eval.latency_requests=2"]
 ONLY = "train.sft_weight=0,train.kd_weight=0"
 DEFAULT_VARIANTS = [
     f"sequence=signals.kind=[sequence],{ONLY},train.sft_weight=1",

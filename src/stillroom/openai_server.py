@@ -18,7 +18,7 @@ MAX_TOP_LOGPROBS = 128
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]  # tool: a tool result sent back in a multi-step conversation
     content: str = Field(max_length=100_000)
 
 
