@@ -153,3 +153,24 @@ def test_cascade_threshold_reaches_the_target_with_the_fewest_teacher_answers():
     route = SimpleNamespace(signal="mean_token_prob", verifier=True, target="teacher")
     fitted = routing.fit_and_evaluate({"student": student, "teacher": teacher}, {"student": student, "teacher": teacher}, route, 0)
     assert fitted["target"] == 1.0 and fitted["eval"]["teacher_share"] == 5 / 8 and fitted["eval"]["task_success"]["mean"] == 1.0
+
+
+def test_cascade_auto_keeps_the_verifier_only_where_it_pays():
+    from types import SimpleNamespace
+
+    from stillroom import routing
+
+    # the verifier catches the one confident malformed answer, which the teacher gets right: worth it
+    student = _route_rows("student", [(0.9, 1, 1), (0.8, 0, 0), (0.7, 1, 1), (0.2, 0, 1)])
+    teacher = _route_rows("teacher", [(0.5, 1, 1)] * 4)
+    auto = SimpleNamespace(signal="mean_token_prob", verifier="auto", target="teacher")
+    rows = {"student": student, "teacher": teacher}
+    fitted = routing.fit_and_evaluate(rows, rows, auto, 0)
+    assert fitted["verifier"] is True and fitted["dev"] == {"task_success": 1.0, "teacher_share": 0.5}
+    # the teacher fails where the student's format fails: escalating those buys nothing, so auto drops the verifier
+    teacher = _route_rows("teacher", [(0.5, 1, 1), (0.5, 0, 1), (0.5, 1, 1), (0.5, 1, 1)])
+    rows = {"student": student, "teacher": teacher}
+    fitted = routing.fit_and_evaluate(rows, rows, SimpleNamespace(signal="mean_token_prob", verifier="auto", target=0.75), 0)
+    assert fitted["verifier"] is False and fitted["dev"] == {"task_success": 0.75, "teacher_share": 0.25}
+    on = routing.fit_and_evaluate(rows, rows, SimpleNamespace(signal="mean_token_prob", verifier=True, target=0.75), 0)
+    assert on["dev"]["teacher_share"] == 0.5 and on["verifier_setting"] is True

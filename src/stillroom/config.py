@@ -397,7 +397,7 @@ class RouteConfig(Section):
 
     enabled: bool = False  # fit and evaluate the cascade in the eval stage (runs both models on the dev split too)
     signal: Literal["mean_token_prob", "min_token_prob", "seq_prob"] = "mean_token_prob"  # the student's confidence
-    verifier: bool = True  # also escalate when the student's answer fails the format verifiers
+    verifier: bool | Literal["auto"] = True  # also escalate when the student's answer fails the format verifiers (auto: fitted on dev)
     target: Literal["teacher"] | float = "teacher"  # dev task success to reach: the teacher's, or a share in [0, 1]
 
     @field_validator("target")

@@ -62,16 +62,24 @@ def choose(points: list[dict], target: float) -> tuple[dict, bool]:
 
 
 def fit_and_evaluate(dev_rows: dict[str, list[dict]], eval_rows: dict[str, list[dict]], route, seed: int) -> dict:
+    """Fit on dev (the threshold, and with ``route.verifier: auto`` whether failing the format verifiers
+    escalates too: the cheaper policy that reaches the target, the verifier kept on a tie), then apply
+    it unchanged to the held-out rows."""
     s_dev, t_dev = dev_rows["student"], dev_rows["teacher"]
     teacher_dev = sum(r["metrics"]["task_success"] for r in t_dev) / max(len(t_dev), 1)
     target = teacher_dev if route.target == "teacher" else float(route.target)
-    dev_curve = curve(s_dev, t_dev, route.signal, route.verifier)
-    chosen, reached = choose(dev_curve, target)
-    success, share = outcome(eval_rows["student"], eval_rows["teacher"], chosen["threshold"], route.signal, route.verifier)
+    fits = []
+    for verifier in ([True, False] if route.verifier == "auto" else [route.verifier]):
+        dev_curve = curve(s_dev, t_dev, route.signal, verifier)
+        chosen, reached = choose(dev_curve, target)
+        rank = (not reached, chosen["teacher_share"] if reached else -chosen["task_success"], not verifier)
+        fits.append((rank, verifier, dev_curve, chosen, reached))
+    _, verifier, dev_curve, chosen, reached = min(fits, key=lambda f: f[0])
+    success, share = outcome(eval_rows["student"], eval_rows["teacher"], chosen["threshold"], route.signal, verifier)
     return {
-        "signal": route.signal, "verifier": route.verifier, "threshold": chosen["threshold"],
+        "signal": route.signal, "verifier": verifier, "verifier_setting": route.verifier, "threshold": chosen["threshold"],
         "target": round(target, 4), "target_reached_on_dev": reached, "dev_examples": len(s_dev),
         "dev": {"task_success": chosen["task_success"], "teacher_share": chosen["teacher_share"]},
         "eval": {"task_success": metrics.summary(success, seed), "teacher_share": round(share, 4)},
-        "dev_curve": dev_curve, "eval_curve": curve(eval_rows["student"], eval_rows["teacher"], route.signal, route.verifier),
+        "dev_curve": dev_curve, "eval_curve": curve(eval_rows["student"], eval_rows["teacher"], route.signal, verifier),
     }  # fmt: skip

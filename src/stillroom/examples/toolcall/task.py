@@ -132,8 +132,24 @@ DISTRACTION_TAILS = [
 ]
 
 # Worked examples on tools outside the catalog, so no eval function leaks. Only calls: measured on the
-# default 135M teacher, adding plain-answer shots made it stop calling tools almost entirely.
+# default 135M teacher, adding plain-answer shots made it stop calling tools almost entirely. The
+# multi-step shot comes first: placed last, the teacher copied its tool turn and answered requests with
+# a <tool_response> block (37 of 46 held-out answers); placed first, it makes calls (12 of 12 prompts).
 FEW_SHOT = [
+    {
+        "tools": [
+            "lookup_zip(zip_code: string) - Find the town for a postal code.",
+            "get_time(city: string) - Current local time in a city.",
+        ],
+        "request": "What time is it in the town with postal code 10115?",
+        "turns": [
+            {"role": "assistant", "content": '<tool_call>{"name": "lookup_zip", "arguments": {"zip_code": "10115"}}</tool_call>'},
+            {"role": "tool", "content": '<tool_response>{"town": "Berlin"}</tool_response>'},
+            {"role": "assistant", "content": '<tool_call>{"name": "get_time", "arguments": {"city": "Berlin"}}</tool_call>'},
+            {"role": "tool", "content": '<tool_response>{"time": "14:05"}</tool_response>'},
+            {"role": "assistant", "content": "It is 14:05 in Berlin (postal code 10115)."},
+        ],
+    },
     {
         "tools": [
             "lookup_zip(zip_code: string) - Find the town for a postal code.",
@@ -159,20 +175,6 @@ FEW_SHOT = [
         ],
         "request": "Which town has the postal code 94107?",
         "reply": '<tool_call>{"name": "lookup_zip", "arguments": {"zip_code": "94107"}}</tool_call>',
-    },
-    {
-        "tools": [
-            "lookup_zip(zip_code: string) - Find the town for a postal code.",
-            "get_time(city: string) - Current local time in a city.",
-        ],
-        "request": "What time is it in the town with postal code 10115?",
-        "turns": [
-            {"role": "assistant", "content": '<tool_call>{"name": "lookup_zip", "arguments": {"zip_code": "10115"}}</tool_call>'},
-            {"role": "tool", "content": '<tool_response>{"town": "Berlin"}</tool_response>'},
-            {"role": "assistant", "content": '<tool_call>{"name": "get_time", "arguments": {"city": "Berlin"}}</tool_call>'},
-            {"role": "tool", "content": '<tool_response>{"time": "14:05"}</tool_response>'},
-            {"role": "assistant", "content": "It is 14:05 in Berlin (postal code 10115)."},
-        ],
     },
 ]
 
