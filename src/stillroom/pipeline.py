@@ -51,6 +51,18 @@ GENERATE_FIELDS = ("n", "include_greedy", "temperature", "top_p", "max_new_token
                    "batch_size", "shard_size")  # fmt: skip
 
 
+PROMPTED = ("generate", "self_generate", "select", "train", "eval")  # stages that render the task's prompts or judge with it
+
+
+def task_fingerprint(name: str) -> str:
+    """The task's ``fingerprint()`` (a hash of its prompt context and rules), or its class name: a
+    changed few-shot context must redo the teacher's signals, not reuse them."""
+    from stillroom.plugins import registry
+
+    task = registry().get("task", name)
+    return task.fingerprint() if hasattr(task, "fingerprint") else type(task).__qualname__
+
+
 def run_dir(cfg: PipelineConfig) -> Path:
     return Path(cfg.run.dir) / cfg.run.name
 
@@ -91,6 +103,8 @@ def run_pipeline(cfg: PipelineConfig, until: str = "report", force: set[str] = f
         stage_dir = root / st.name
         inputs = {n: root / n for n in st.needs}
         input_hashes = {n: outputs_hash(p) for n, p in inputs.items()}
+        if st.name in PROMPTED:  # the task's prompts and checker are code outside the run: their fingerprint
+            input_hashes["task"] = task_fingerprint(cfg.data.task)
         if st.external is not None:  # models read from outside the run (a previous student): their weights' hashes
             input_hashes.update(st.external(cfg))
         view = stage_view(cfg, list(st.config))

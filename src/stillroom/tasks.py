@@ -43,6 +43,10 @@ class Task(Protocol):
         """Multi-step examples: the tool turns answering the calls in ``output``, or None when the
         episode ends (single-turn examples: always None)."""
 
+    def fingerprint(self) -> str:
+        """Optional: a hash of the prompt context and checking code; when it changes, the stages that prompt
+        or judge with the task run again (without it, its class name stands in)."""
+
     def with_teacher_context(self, messages: list[dict]) -> list[dict]:
         """A served conversation as the teacher sees it (its context added), for cascade escalation."""
 

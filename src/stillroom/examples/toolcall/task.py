@@ -223,6 +223,13 @@ def _tail_kind(value) -> str:
 class ToolCallTask:
     name = "toolcall"
 
+    def fingerprint(self) -> str:
+        """A hash of what the prompts and the checking depend on besides the examples: the rules, the
+        worked examples, the student's system prompt and this module's code (the pipeline keys the
+        stages that prompt or judge with it)."""
+        code = Path(__file__).read_bytes() + Path(trace_tools.__file__).read_bytes()
+        return hashlib.sha256(code + json.dumps([RULES, FEW_SHOT, STUDENT_SYSTEM]).encode()).hexdigest()[:16]
+
     @cached_property
     def catalog(self) -> list[dict]:
         return json.loads(CATALOG.read_text())
