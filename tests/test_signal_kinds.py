@@ -153,3 +153,12 @@ def test_a_retrained_generator_invalidates_self_generation_and_eval(tmp_path, ti
     after = (self_generate.external(cfg), evaluate.external(cfg))
     assert before[0]["self_model"] != after[0]["self_model"] and before[1]["previous_model"] != after[1]["previous_model"]
     assert self_generate.external(load_config(DEMO)) == {} and evaluate.external(load_config(DEMO)) == {}
+
+
+def test_a_pair_is_not_a_duplicate_of_the_reference_it_prefers(mixed_run):
+    """Deduplication keys a pair on its prompt and both sides: the clean reference (SFT) and the pair that
+    prefers it (DPO) both stay in the mixture."""
+    records = [json.loads(line) for line in (mixed_run / "mix" / "mixture.jsonl").open()]
+    pairs = {r["example_id"] for r in records if r["source"] == "pair" and r["text"] == r["chosen"]}
+    refs = {r["example_id"] for r in records if r["source"] == "reference"}
+    assert pairs & refs

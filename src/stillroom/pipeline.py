@@ -37,7 +37,7 @@ def _stages() -> list[Stage]:
         Stage("select", select.run, ("prepare", "generate", "self_generate"), ("data.select", "signals.preference", "signals.self.min_teacher_logprob"),
               "verify candidates, keep the good, rank pairs", "0.3.0"),
         Stage("mix", mix.run, ("prepare", "select"), ("run.seed", "data.layer_weights", "data.mixture", "signals.kind", "signals.self.max_share"),
-              "dedup, decontaminate, weight the mixture", "0.3.0"),
+              "dedup, decontaminate, weight the mixture", "0.3.1"),
         Stage("train", train.run, ("prepare", "generate", "mix"), ("run.seed", "teacher", "student", "train"), "train the student", "0.3.0"),
         Stage("compress", compress.run, ("train",), ("compress",), "write the student's inference recipe (quantization)"),
         Stage("eval", evaluate.run, ("prepare", "train", "compress"), ("run.seed", "teacher", "student.dtype", "eval", "targets", "route"),

@@ -110,8 +110,9 @@ def run(ctx: StageContext) -> None:
     card = {"steps": {"sources": counts(records)}}
 
     # 2) duplicates, on prompt + target
-    def keyed(rs):
-        return [(r["id"], examples[r["example_id"]]["request"] + "\n" + r["text"]) for r in rs]
+    def keyed(rs):  # a pair is its prompt with both sides: it never duplicates the reference it prefers
+        return [(r["id"], examples[r["example_id"]]["request"] + "\n" + r["text"] + ("\n<rejected>\n" + r["rejected"] if r["source"] == "pair" else ""))
+                for r in rs]  # fmt: skip
 
     dups = {} if m.dedup == "none" else dedup.exact_duplicates(keyed(records))
     records = [r for r in records if r["id"] not in dups]
