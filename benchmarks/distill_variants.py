@@ -36,7 +36,8 @@ DEFAULT_VARIANTS = [
     f"logit=signals.kind=[logit],{ONLY},train.kd_weight=1",
     f"preference=signals.kind=[preference],{ONLY},train.pref_weight=1",
     f"tool_trace=signals.kind=[tool_trace],{ONLY},train.trace_weight=1",
-    f"self=signals.kind=[self],{ONLY},train.self_weight=1,signals.self.model={{run_dir}}-sequence/train/model,"
+    f"self=signals.kind=[self],{ONLY},train.self_weight=1,data.mixture.sources=[reference],"
+    "signals.self.model={run_dir}-sequence/train/model,"
     "eval.previous={run_dir}-sequence/train/model",
 ]
 DATA_STAGES = ("prepare", "generate", "select", "mix")
