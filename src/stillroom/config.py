@@ -36,6 +36,13 @@ def _registered(kind: str, name: str) -> str:
     return name
 
 
+def _model_spec(value: str | None) -> str | None:
+    """A model outside the run: ``registry:ALIAS`` as is, a folder made absolute (resolved at validation)."""
+    if value is None or value.startswith("registry:"):
+        return value
+    return str(Path(value).expanduser().resolve())
+
+
 class RunConfig(Section):
     name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")  # folder name under `dir`
     dir: str = "runs"  # parent folder of run directories, relative to the working directory
@@ -214,11 +221,10 @@ class SelfConfig(Section):
     min_teacher_logprob: float | None = -1.5  # keep a candidate only if the teacher's mean token log-prob is at least this
     max_share: float = Field(0.3, gt=0, le=1)  # cap on the share of training records the student made itself
 
-    @model_validator(mode="after")
-    def _model_given(self) -> SelfConfig:
-        if self.model is not None and not self.model.startswith("registry:"):
-            self.model = str(Path(self.model).expanduser().resolve())
-        return self
+    @field_validator("model")
+    @classmethod
+    def _model_folder(cls, v: str | None) -> str | None:
+        return _model_spec(v)
 
 
 class SignalsConfig(Section):
@@ -365,6 +371,11 @@ class EvalConfig(Section):
     bootstrap: int = Field(1000, ge=100)  # resamples for the 95% intervals
     previous: str | None = None  # an earlier student to measure on the same examples: a folder or `registry:ALIAS`
     registry: str = "registry"  # registry folder for `previous: registry:ALIAS`
+
+    @field_validator("previous")
+    @classmethod
+    def _previous_folder(cls, v: str | None) -> str | None:
+        return _model_spec(v)
     gates: list[Gate] = DEFAULT_GATES  # targets.* add latency, memory and cost gates on top
 
     @field_validator("metrics")
@@ -378,8 +389,6 @@ class EvalConfig(Section):
 
     @model_validator(mode="after")
     def _gates_measured(self) -> EvalConfig:
-        if self.previous is not None and not self.previous.startswith("registry:"):
-            self.previous = str(Path(self.previous).expanduser().resolve())
         for i, g in enumerate(self.gates):
             if g.vs == "previous" and self.previous is None:
                 raise ValueError(f"gates[{i}] compares with `previous`: set eval.previous")

@@ -200,6 +200,17 @@ def count_quantized(model) -> int:
     return len(_quantized_linears(model))
 
 
+def weights_hash(folder: str | Path) -> str:
+    """The hash of a model folder's safetensors weights: a stage that reads a model from outside its run
+    keys on it, so a retrained folder or a moved registry alias redoes the stage."""
+    from stillroom.rundir import sha256_file
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no safetensors weights (a student folder written by `stillroom train`?)")
+    return ",".join(sha256_file(f) for f in files)
+
+
 def n_params(model: PreTrainedModel) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -30,18 +30,19 @@ def _stages() -> list[Stage]:
 
     return [
         Stage("prepare", prepare.run, (), ("run.seed", "data"), "build the task's examples and fixed splits"),
-        Stage("generate", generate.run, ("prepare",), generate_config, "sample teacher candidates and traces", "0.3.0"),
+        Stage("generate", generate.run, ("prepare",), generate_config, "sample teacher candidates and traces", "0.3.0", task=True),
         Stage("self_generate", self_generate.run, ("prepare",), ("run.seed", "teacher", "student.dtype", "signals.self", "signals.top_p",
               "signals.max_new_tokens", "signals.max_tool_steps", "signals.batch_size", "signals.shard_size"),
-              "the student samples its own candidates, the teacher scores them (signal `self`)", external=self_generate.external),
+              "the student samples its own candidates, the teacher scores them (signal `self`)", external=self_generate.external, task=True),
         Stage("select", select.run, ("prepare", "generate", "self_generate"), ("data.select", "signals.preference", "signals.self.min_teacher_logprob"),
-              "verify candidates, keep the good, rank pairs", "0.3.0"),
+              "verify candidates, keep the good, rank pairs", "0.3.0", task=True),
         Stage("mix", mix.run, ("prepare", "select"), ("run.seed", "data.layer_weights", "data.mixture", "signals.kind", "signals.self.max_share"),
               "dedup, decontaminate, weight the mixture", "0.3.1"),
-        Stage("train", train.run, ("prepare", "generate", "mix"), ("run.seed", "teacher", "student", "train"), "train the student", "0.3.0"),
+        Stage("train", train.run, ("prepare", "generate", "mix"), ("run.seed", "teacher", "student", "train"), "train the student", "0.3.0",
+              task=True),
         Stage("compress", compress.run, ("train",), ("compress",), "write the student's inference recipe (quantization)"),
         Stage("eval", evaluate.run, ("prepare", "train", "compress"), ("run.seed", "teacher", "student.dtype", "eval", "targets", "route"),
-              "measure teacher, student (and quantized student, cascade); apply the gates", "0.3.0", evaluate.external),
+              "measure teacher, student (and quantized student, cascade); apply the gates", "0.3.0", evaluate.external, task=True),
         Stage("report", report.run, ("prepare", "select", "mix", "train", "eval"), ("targets", "eval"), "write the run report", "0.2.0"),
     ]
 
@@ -49,9 +50,6 @@ def _stages() -> list[Stage]:
 STAGE_NAMES = ("prepare", "generate", "self_generate", "select", "mix", "train", "compress", "eval", "report")
 GENERATE_FIELDS = ("n", "include_greedy", "temperature", "top_p", "max_new_tokens", "max_tool_steps", "top_k", "score_references",
                    "batch_size", "shard_size")  # fmt: skip
-
-
-PROMPTED = ("generate", "self_generate", "select", "train", "eval")  # stages that render the task's prompts or judge with it
 
 
 def task_fingerprint(name: str) -> str:
@@ -103,7 +101,7 @@ def run_pipeline(cfg: PipelineConfig, until: str = "report", force: set[str] = f
         stage_dir = root / st.name
         inputs = {n: root / n for n in st.needs}
         input_hashes = {n: outputs_hash(p) for n, p in inputs.items()}
-        if st.name in PROMPTED:  # the task's prompts and checker are code outside the run: their fingerprint
+        if st.task:  # the task's prompts and checker are code outside the run: their fingerprint
             input_hashes["task"] = task_fingerprint(cfg.data.task)
         if st.external is not None:  # models read from outside the run (a previous student): their weights' hashes
             input_hashes.update(st.external(cfg))

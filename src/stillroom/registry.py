@@ -189,6 +189,14 @@ def rollback(root: Path, alias: str = "production", actor: str | None = None) ->
         return _row(conn.execute("SELECT * FROM versions WHERE id = ?", (previous,)).fetchone())
 
 
+def model_folder(spec: str, root: str | Path) -> str:
+    """A model given in the config: a folder as is, or ``registry:ALIAS`` (or ``registry:vN``), the model
+    folder of that version in the registry at ``root``."""
+    if not spec.startswith("registry:"):
+        return spec
+    return resolve(Path(root), spec.split(":", 1)[1])["model_path"]
+
+
 def resolve(root: Path, alias_or_name: str) -> dict:
     """The version an alias points to, or the version of that name."""
     with connect(root) as conn:

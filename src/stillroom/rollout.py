@@ -44,6 +44,16 @@ class Episode:
         )
 
 
+def sample(endpoint, task, examples: list[dict], messages_of, sampling, seed_of, top_k: int, max_steps: int) -> list[Episode]:
+    """Episodes of ``examples`` through a teacher endpoint (``complete``); ``seed_of(example, step)``
+    seeds each turn."""
+
+    def turn(indices, convs, step):
+        return endpoint.complete(convs, sampling, [seed_of(examples[i], step) for i in indices], top_k)
+
+    return run(turn, task, examples, [messages_of(e) for e in examples], max_steps)
+
+
 def run(complete: Complete, task, examples: list[dict], conversations: list[list[dict]], max_steps: int) -> list[Episode]:
     """One episode per example, starting from its conversation (the prompt messages)."""
     convs = [list(c) for c in conversations]

@@ -101,6 +101,7 @@ class Stage:
     help: str
     version: str = "0.1.0"  # of the stage's code and output format: bump it when either changes its outputs
     external: Callable[[Any], dict[str, str]] | None = None  # config -> hashes of what it reads from outside the run (other models)
+    task: bool = False  # renders the task's prompts or judges with it: the task's fingerprint joins the key
 
 
 

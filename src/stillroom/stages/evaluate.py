@@ -23,15 +23,14 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from stillroom import atomic, calibration, gates, generation, metrics, models, routing, toolcalls
+from stillroom import atomic, calibration, gates, generation, metrics, models, rollout, routing, toolcalls
+from stillroom import registry as versions
 from stillroom.memory import PeakMemory
 from stillroom.metrics import percentile
 from stillroom.plugins import registry
 from stillroom.progress import add, advance, bar
 from stillroom.rundir import StageContext
-from stillroom.stages.generate import sample_episodes
 from stillroom.stages.prepare import read_split
-from stillroom.stages.self_generate import generator_folder, weights_hash
 from stillroom.tasks import answer_of
 from stillroom.teachers import HFTeacher, Sampling
 
@@ -47,17 +46,16 @@ def quality_pass(label, endpoint, messages_of, examples, batch_size, max_new_tok
         for i in range(0, len(examples), batch_size):
             batch = examples[i : i + batch_size]
             task = registry().get("task", batch[0]["task"])
-            episodes = sample_episodes(endpoint, task, batch, messages_of, greedy, lambda e, step: 0, 1, max_steps)
+            episodes = rollout.sample(endpoint, task, batch, messages_of, greedy, lambda e, step: 0, 1, max_steps)
             for e, ep in zip(batch, episodes):
                 g = ep.combined()
-                out = {"text": g.text, "token_ids": g.token_ids, **({"messages": ep.messages} if ep.multi_turn else {})}
-                verdict = registry().get("task", e["task"]).check(e, answer_of(out))
+                trace = {"messages": ep.messages} if ep.multi_turn else {}
+                out = {"text": g.text, "token_ids": g.token_ids, **trace}
+                verdict = task.check(e, answer_of(out))
                 rows.append({"model": label, "example_id": e["id"], "layer": e["layer"], "slice": e["slice"],
                              "output": g.text, "reason": verdict.reason, "prompt_tokens": g.prompt_tokens,
                              "new_tokens": len(g.token_ids), "turns": len(ep.turns), **routing.logprob_stats(g.token_logprobs),
-                             "metrics": {name: m(e, out) for name, m in measures.items()}})  # fmt: skip
-                if ep.multi_turn:
-                    rows[-1]["messages"] = ep.messages
+                             "metrics": {name: m(e, out) for name, m in measures.items()}, **trace})  # fmt: skip
                 new_tokens += len(g.token_ids)
             advance(progress, job, len(batch))
     return rows, new_tokens, time.time() - t0
@@ -119,7 +117,7 @@ def run(ctx: StageContext) -> None:
         ("student", lambda: HFTeacher.load(student_dir, cfg.student.dtype), task.student_messages),
     ]  # fmt: skip
     if ecfg.previous is not None:  # an earlier student on the same examples (self-distillation's guard)
-        previous_dir = generator_folder(ecfg.previous, ecfg.registry)
+        previous_dir = versions.model_folder(ecfg.previous, ecfg.registry)
         candidates.append(("previous", lambda: HFTeacher.load(previous_dir, cfg.student.dtype), task.student_messages))
     if quantize != "none":
         candidates.append((f"student_{quantize.split('_')[0]}", lambda: HFTeacher.load(student_dir, "float32", quantize), task.student_messages))
@@ -178,7 +176,7 @@ def run(ctx: StageContext) -> None:
 def external(cfg) -> dict[str, str]:
     """The previous student's weights (``eval.previous``), part of this stage's key."""
     e = cfg.eval
-    return {} if e.previous is None else {"previous_model": weights_hash(generator_folder(e.previous, e.registry))}
+    return {} if e.previous is None else {"previous_model": models.weights_hash(versions.model_folder(e.previous, e.registry))}
 
 
 def drift(teacher_rows: list[dict], rows: list[dict]) -> dict:

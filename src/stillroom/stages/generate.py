@@ -89,14 +89,22 @@ def record(example_id: str, candidate: int, teacher_id: str, g, *, greedy: bool,
     }  # fmt: skip
 
 
-def sample_episodes(endpoint, task, examples: list[dict], messages_of, sampling: Sampling, seed_of, top_k: int,
-                    max_steps: int) -> list[rollout.Episode]:  # fmt: skip
-    """Episodes of ``examples`` against the task's tools; ``seed_of(example, step)`` seeds each turn."""
-
-    def turn(indices, convs, step):
-        return endpoint.complete(convs, sampling, [seed_of(examples[i], step) for i in indices], top_k)
-
-    return rollout.run(turn, task, examples, [messages_of(e) for e in examples], max_steps)
+def sample_records(endpoint, generator_id: str, task, examples: list[dict], messages_of, *, n: int, include_greedy: bool,
+                   temperature: float, top_p: float, max_new_tokens: int, seed_of, top_k: int, max_steps: int,
+                   batch_size: int) -> Iterator[list[tuple[dict, rollout.Episode, dict]]]:  # fmt: skip
+    """``n`` candidates per example (the first greedy when ``include_greedy``), played out as episodes
+    against the task's tools, batch by batch: (example, episode, store row) for each example of a
+    batch. ``seed_of(example, candidate, step)`` seeds each sampled turn."""
+    for c in range(n):
+        greedy = include_greedy and c == 0
+        sampling = Sampling(max_new_tokens, not greedy, temperature, top_p)
+        for b in range(0, len(examples), batch_size):
+            batch = examples[b : b + batch_size]
+            episodes = rollout.sample(endpoint, task, batch, messages_of, sampling, lambda e, step, c=c: seed_of(e, c, step), top_k, max_steps)
+            yield [(e, ep, record(e["id"], c, generator_id, ep.combined(), greedy=greedy, temperature=0.0 if greedy else temperature,
+                                  top_p=1.0 if greedy else top_p, seed=0 if greedy else seed_of(e, c, 0),
+                                  messages=ep.messages if ep.multi_turn else None))
+                   for e, ep in zip(batch, episodes)]  # fmt: skip
 
 
 def derive_seed(*parts) -> int:
@@ -150,23 +158,14 @@ def run(ctx: StageContext) -> None:
         job = add(progress, "teacher candidates", sum(len(shards[i]) for i in todo) * s.n, "cand")
         for i in todo:
             rows = []
-            for c in range(s.n):
-                greedy = s.include_greedy and c == 0
-                sampling = Sampling(s.max_new_tokens, not greedy, s.temperature, s.top_p)
-                for b in range(0, len(shards[i]), s.batch_size):
-                    batch = shards[i][b : b + s.batch_size]
-                    seed_of = lambda e, step, c=c: derive_seed(cfg.run.seed, e["id"], c, *([step] if step else []))  # noqa: E731
-                    episodes = sample_episodes(teacher, task, batch, lambda e: task.teacher_messages(e, cfg.teacher.context),
-                                               sampling, seed_of, s.top_k, s.max_tool_steps)  # fmt: skip
-                    for e, ep in zip(batch, episodes):
-                        g = ep.combined()
-                        rows.append(record(
-                            e["id"], c, teacher.id, g, greedy=greedy, temperature=0.0 if greedy else s.temperature,
-                            top_p=1.0 if greedy else s.top_p, seed=0 if greedy else seed_of(e, 0),
-                            messages=ep.messages if ep.multi_turn else None,
-                        ))  # fmt: skip
-                        new_tokens += len(g.token_ids)
-                    advance(progress, job, len(batch), info=f"{new_tokens / (time.time() - started):.1f} tok/s")
+            seed_of = lambda e, c, step: derive_seed(cfg.run.seed, e["id"], c, *([step] if step else []))  # noqa: E731
+            for batch in sample_records(teacher, teacher.id, task, shards[i], lambda e: task.teacher_messages(e, cfg.teacher.context),
+                                        n=s.n, include_greedy=s.include_greedy, temperature=s.temperature, top_p=s.top_p,
+                                        max_new_tokens=s.max_new_tokens, seed_of=seed_of, top_k=s.top_k, max_steps=s.max_tool_steps,
+                                        batch_size=s.batch_size):  # fmt: skip
+                rows += [row for _, _, row in batch]
+                new_tokens += sum(len(row["token_ids"]) for _, _, row in batch)
+                advance(progress, job, len(batch), info=f"{new_tokens / (time.time() - started):.1f} tok/s")
             write_shard(scratch / f"shard-{i:05d}.parquet", rows, store_schema)
     if s.score_references and not (scratch / "references.parquet").exists():
         refs = [e for e in examples if e.get("reference")]

@@ -236,10 +236,11 @@ def variants_blocks(summary: dict) -> list[tuple]:
     budget, held-out task success overall and per layer next to the teacher's, with paired deltas."""
     variants = summary["variants"]
     layers = sorted({k for v in variants.values() for k in v["per_layer_task_success"]})
-    first = next(iter(variants), None)
-    teacher = next(iter(variants.values()))["teacher_task_success"] if variants else None
-    rows = [["teacher (few-shot)", "-", "-", _ci(teacher), *[_ci(next(iter(variants.values()))["teacher_per_layer_task_success"].get(k)) for k in layers],
-             "-", "-", "-", "-"]] if variants else []  # fmt: skip
+    first, rows = next(iter(variants), None), []
+    if variants:  # every variant measured the same teacher on the same examples
+        t = variants[first]
+        rows.append(["teacher (few-shot)", "-", "-", _ci(t["teacher_task_success"]),
+                     *[_ci(t["teacher_per_layer_task_success"].get(k)) for k in layers], "-", "-", "-", "-"])  # fmt: skip
     for name, v in variants.items():
         vs_first = v.get(f"task_success_minus_{first}")
         rows.append([name, ", ".join(v["overrides"]) or "-", v["steps"], _ci(v["task_success"]),

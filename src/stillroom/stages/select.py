@@ -63,6 +63,16 @@ def pairs_for(cands: list[dict], reference: dict | None, pref) -> list[tuple[dic
     return pairs[: pref.max_pairs_per_example]
 
 
+def verified(example: dict, cand: dict, checks) -> tuple[bool, dict]:
+    """Every verifier's verdict on a candidate, and whether all passed."""
+    verdicts = {name: check(example, cand) for name, check in checks}
+    return all(v.passed for v in verdicts.values()), verdicts
+
+
+def with_scores(cand: dict, verdicts: dict) -> dict:
+    return {**cand, "scores": {n: v.score for n, v in verdicts.items()}}
+
+
 def _candidates(path, columns):
     for cand in read_candidates(path, columns=columns):
         if cand.get("messages"):
@@ -98,12 +108,11 @@ def run(ctx: StageContext) -> None:
     reason_examples = collections.defaultdict(list)
     for cand in _candidates(ctx.inputs["generate"], COLUMNS):
         ex = examples[cand["example_id"]]
-        verdicts = {name: check(ex, cand) for name, check in checks}
-        ok = all(v.passed for v in verdicts.values())
+        ok, verdicts = verified(ex, cand, checks)
         verdict_rows.append({"example_id": cand["example_id"], "candidate": cand["candidate"], "passed": ok,
                              "verdicts": json.dumps({n: [v.passed, v.reason, v.score] for n, v in verdicts.items()})})  # fmt: skip
         if ok:
-            passing[cand["example_id"]].append({**cand, "scores": {n: v.score for n, v in verdicts.items()}})
+            passing[cand["example_id"]].append(with_scores(cand, verdicts))
         if not cand.get("messages"):
             by_example[cand["example_id"]].append({"candidate": cand["candidate"], "text": cand["text"], "passed": ok, "lp": mean_logprob(cand)})
         for name, v in verdicts.items():
@@ -169,9 +178,8 @@ def select_own(ctx: StageContext, examples: dict, checks, min_teacher_logprob: f
     pool, counts = collections.defaultdict(list), collections.Counter()
     for cand in _candidates(ctx.inputs["self_generate"], [*COLUMNS, "teacher_mean_logprob"]):
         counts["candidates"] += 1
-        ex = examples[cand["example_id"]]
-        verdicts = {name: check(ex, cand) for name, check in checks}
-        if not all(v.passed for v in verdicts.values()):
+        ok, verdicts = verified(examples[cand["example_id"]], cand, checks)
+        if not ok:
             continue
         counts["passing_verifiers"] += 1
         score = cand["teacher_mean_logprob"]
@@ -179,7 +187,7 @@ def select_own(ctx: StageContext, examples: dict, checks, min_teacher_logprob: f
             counts["below_teacher_bar"] += 1
             continue
         counts["kept"] += 1
-        pool[cand["example_id"]].append({**cand, "scores": {n: v.score for n, v in verdicts.items()}})
+        pool[cand["example_id"]].append(with_scores(cand, verdicts))
     return pool, {k: counts[k] for k in ("candidates", "passing_verifiers", "below_teacher_bar", "kept")}
 
 

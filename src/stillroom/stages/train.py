@@ -385,21 +385,19 @@ def run(ctx: StageContext) -> None:
     for r in mixture:
         ex = examples[r["example_id"]]
         lw = per_layer.get(r["layer"], 1.0) if r["split"] == "train" else 1.0
-        weight = source_weight[r["source"]] * lw
+        weight, messages = source_weight[r["source"]] * lw, task.student_messages(ex)
         if r["source"] == "pair":
-            prompt = generation.render(tokenizer, task.student_messages(ex))
-            rows[r["split"]].append(encode_pair(tokenizer, prompt, r["chosen"], r["rejected"], t.max_length, weight))
-            continue
-        if r.get("messages"):  # a multi-step trace: loss on the assistant's turns only
+            row = encode_pair(tokenizer, generation.render(tokenizer, messages), r["chosen"], r["rejected"], t.max_length, weight)
+        elif r.get("messages"):  # a multi-step trace: loss on the assistant's turns only
             if teacher is not None:
                 raise RuntimeError("train.teacher_mode: online covers single-turn records; traces need offline KD or none")
-            rows[r["split"]].append(encode_turns(tokenizer, task.student_messages(ex), r["messages"], t.max_length, weight, lw))
-            continue
-        prompt = generation.render(tokenizer, task.student_messages(ex))
-        sig = signals.get((r["example_id"], r.get("candidate", -1))) if r["source"] in ("teacher", "reference") else None
-        completion, topk = (sig["token_ids"], (sig["topk_ids"], sig["topk_logprobs"])) if sig else (r["text"], None)
-        teacher_prompt = generation.render(tokenizer, task.teacher_messages(ex, cfg.teacher.context)) if teacher else None
-        rows[r["split"]].append(encode(tokenizer, prompt, completion, t.max_length, weight, topk, teacher_prompt, lw))
+            row = encode_turns(tokenizer, messages, r["messages"], t.max_length, weight, lw)
+        else:
+            sig = signals.get((r["example_id"], r.get("candidate", -1))) if r["source"] in ("teacher", "reference") else None
+            completion, topk = (sig["token_ids"], (sig["topk_ids"], sig["topk_logprobs"])) if sig else (r["text"], None)
+            teacher_prompt = generation.render(tokenizer, task.teacher_messages(ex, cfg.teacher.context)) if teacher else None
+            row = encode(tokenizer, generation.render(tokenizer, messages), completion, t.max_length, weight, topk, teacher_prompt, lw)
+        rows[r["split"]].append(row)
     ctx.counts["records_by_source"] = dict(collections.Counter(f"{r['split']}/{r['source']}" for r in mixture))
     ctx.counts["kd_rows"] = sum(r.get("topk") is not None or "teacher_ids" in r for r in rows["train"]) if t.kd_weight else 0
     ctx.counts["pair_rows"] = sum(bool(r.get("pair")) for r in rows["train"])
