@@ -21,7 +21,7 @@ def test_shipped_demo_config_validates():
 
 
 def test_override_sets_nested_values_with_yaml_types(tmp_path):
-    cfg = load_config(DEMO, ["train.epochs=2", "student.keep_layers=[0, 5, 29]", "run.name=other"])
+    cfg = load_config(DEMO, ["train.epochs=2", "student.prune_by=evenly_spaced", "student.keep_layers=[0, 5, 29]", "run.name=other"])
     assert cfg.train.epochs == 2 and cfg.student.keep_layers == [0, 5, 29] and cfg.run.name == "other"
 
 

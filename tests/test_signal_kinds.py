@@ -13,6 +13,7 @@ import yaml
 
 from stillroom.config import ConfigError, PreferenceConfig, load_config
 from stillroom.stages.mix import cap_self
+from stillroom.stages.prepare import split_of
 from stillroom.stages.select import pairs_for
 
 DEMO = Path(__file__).parents[1] / "src" / "stillroom" / "examples" / "toolcall" / "demo.yaml"
@@ -59,6 +60,7 @@ def test_self_made_records_are_capped_at_their_share():
         (["signals.kind=[sequence, sequence, logit]"], "distinct kinds"),
         (["signals.kind=[sequence, logit, tweet]"], "signals.kind.2"),
         (["eval.gates=[{metric: task_success, vs: previous, min_ratio: 1.0}]"], "set eval.previous"),
+        (["data.reference_examples=50", "data.mixture.sources=[teacher]", "train.reference_weight=0"], "add `reference` to data.mixture.sources"),
     ],
 )
 def test_signal_kinds_and_their_weights_are_checked_together(overrides, message):
@@ -79,7 +81,7 @@ def mixed_run(tmp_path_factory, tiny_model_dir) -> Path:
         "run": {"name": "mixed", "dir": str(root / "runs"), "seed": 0},
         "teacher": {"model": str(tiny_model_dir)},
         "student": {"pruned_from": "teacher", "keep_layers": 2},
-        "data": {"n_examples": 48, "layer_weights": {"core": 0.5, "failure": 0.5}, "held_out_functions": 2,
+        "data": {"n_examples": 48, "reference_examples": 24, "layer_weights": {"core": 0.5, "failure": 0.5}, "held_out_functions": 2,
                  "select": {"verifiers": ["tool_call", "no_call", "trace"]}, "mixture": {"sources": ["teacher", "reference"]}},
         "signals": {"kind": ["sequence", "preference", "tool_trace", "self"], "n": 2, "max_new_tokens": 12, "max_tool_steps": 3,
                     "batch_size": 8, "shard_size": 8, "top_k": 4, "score_references": True,
@@ -102,6 +104,26 @@ def test_preference_pairs_come_from_train_and_dev_only(mixed_run):
     assert all(p["chosen"] != p["rejected"] for p in pairs)
     # a random tiny teacher writes no valid call: the chosen side of a call example is its clean reference
     assert any(p["chosen_from"] == "reference" for p in pairs)
+
+
+def test_reference_only_examples_train_by_their_reference_and_never_reach_the_teacher(mixed_run):
+    prep = mixed_run / "prepare"
+    split_ids = {s: {json.loads(line)["id"] for line in (prep / f"{s}.jsonl").open()} for s in ("train", "dev", "eval")}
+    extra = [json.loads(line) for line in (prep / "train_reference.jsonl").open()]
+    extra_ids = {e["id"] for e in extra}
+    assert extra and not extra_ids & set().union(*split_ids.values())
+    assert all(split_of(e["id"], 0.2, 0.1) == "train" and not e.get("pinned_split") and (e["reference"] or e["reference_trace"]) for e in extra)
+    counts = json.loads((prep / "manifest.json").read_text())["counts"]
+    assert counts["train_reference"] == len(extra) and counts["train"] == len(split_ids["train"])
+    # the teacher's store, the self-generated one and the pairs cover the train and dev prompts only
+    for stage in ("generate", "self_generate"):
+        assert {r["example_id"] for r in pq.read_table(mixed_run / stage / "shards").to_pylist()} <= split_ids["train"] | split_ids["dev"]
+    assert not {json.loads(line)["example_id"] for line in (mixed_run / "select" / "pairs.jsonl").open()} & extra_ids
+    mixture = [json.loads(line) for line in (mixed_run / "mix" / "mixture.jsonl").open()]
+    theirs = [r for r in mixture if r["example_id"] in extra_ids]
+    assert theirs and all(r["source"] == "reference" and r["split"] == "train" for r in theirs)
+    by_source = json.loads((mixed_run / "train" / "manifest.json").read_text())["counts"]["records_by_source"]
+    assert by_source["train/reference"] >= len(theirs)
 
 
 def test_all_kinds_reach_training_with_their_weights(mixed_run):

@@ -168,6 +168,7 @@ class MixtureConfig(Section):
 class DataConfig(Section):
     task: str = "toolcall"  # a registered task that generates the examples
     n_examples: int = Field(240, ge=10)  # examples generated before the split
+    reference_examples: int = Field(0, ge=0)  # more examples; those the split puts in train teach by their clean reference alone (no teacher time)
     layer_weights: dict[str, float] = {"core": 0.5, "failure": 0.25, "long_tail": 0.25}
     eval_fraction: float = Field(0.2, gt=0, lt=1)  # share of examples held out for evaluation
     dev_fraction: float = Field(0.1, ge=0, lt=1)  # share held out for dev (early stopping, fitting)
@@ -447,6 +448,8 @@ class PipelineConfig(Section):
         has_refs = "reference" in self.data.mixture.sources
         if has_refs != (t.reference_weight > 0):
             raise ValueError("data.mixture.sources includes `reference` exactly when train.reference_weight > 0")
+        if self.data.reference_examples and not has_refs:
+            raise ValueError("data.reference_examples teach by their clean references: add `reference` to data.mixture.sources")
         teacher_kinds = sorted(set(kinds) & {"sequence", "logit", "tool_trace", "preference"})
         with_teacher = "teacher" in self.data.mixture.sources
         if with_teacher != bool(teacher_kinds):

@@ -101,7 +101,7 @@ def cap_self(records: list[dict], max_share: float, rng: random.Random) -> tuple
 
 def run(ctx: StageContext) -> None:
     cfg, m = ctx.cfg, ctx.cfg.data.mixture
-    examples = read_examples(ctx.inputs["prepare"])
+    examples = read_examples(ctx.inputs["prepare"], reference_only=True)
     evals = read_split(ctx.inputs["prepare"], "eval")
     selected = atomic.read_jsonl(ctx.inputs["select"] / "selected.jsonl")
 

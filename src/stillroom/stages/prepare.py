@@ -2,6 +2,11 @@
 
 A split depends on the example id alone, so adding examples never moves an existing one; examples the
 task pins (those using held-out functions) always land in eval.
+
+``data.reference_examples`` more examples are built after the first ``n_examples``; those that the split
+puts in train are written to ``train_reference.jsonl``: they train by their clean reference alone, the
+teacher never sees them (no teacher time), and the dev and eval splits stay what ``n_examples`` made.
+The ones that land in dev or eval, or that the task pins to eval, are dropped and counted.
 """
 
 from __future__ import annotations
@@ -28,9 +33,16 @@ def read_split(prepare_dir: Path, split: str) -> list[dict]:
     return atomic.read_jsonl(prepare_dir / f"{split}.jsonl")
 
 
-def read_examples(prepare_dir: Path, splits=("train", "dev")) -> dict[str, dict]:
-    """Examples of ``splits`` by id, in split then file order, each with its ``split``."""
-    return {e["id"]: {**e, "split": s} for s in splits for e in read_split(prepare_dir, s)}
+REFERENCE_ONLY = "train_reference"
+
+
+def read_examples(prepare_dir: Path, splits=("train", "dev"), reference_only: bool = False) -> dict[str, dict]:
+    """Examples of ``splits`` by id, in split then file order, each with its ``split``; with
+    ``reference_only`` the train examples the teacher never sees follow (split ``train``)."""
+    out = {e["id"]: {**e, "split": s} for s in splits for e in read_split(prepare_dir, s)}
+    if reference_only and (prepare_dir / f"{REFERENCE_ONLY}.jsonl").exists():
+        out.update({e["id"]: {**e, "split": "train", "reference_only": True} for e in read_split(prepare_dir, REFERENCE_ONLY)})
+    return out
 
 
 def run(ctx: StageContext) -> None:
@@ -47,6 +59,17 @@ def run(ctx: StageContext) -> None:
         atomic.write_jsonl(ctx.dir / f"{split}.jsonl", rows)
         ctx.counts[split] = len(rows)
         ctx.counts[f"{split}_by_layer"] = dict(sorted(collections.Counter(e["layer"] for e in rows).items()))
+    if d.reference_examples:
+        seen = set(ids)
+        grown = [e for e in task.build_examples(d.n_examples + d.reference_examples, d.layer_weights, ctx.cfg.run.seed,
+                                                d.held_out_functions) if e["id"] not in seen]  # fmt: skip
+        extra = [e for e in grown if not e.get("pinned_split") and split_of(e["id"], d.eval_fraction, d.dev_fraction) == "train"
+                 and (e.get("reference") or e.get("reference_trace"))]  # fmt: skip
+        atomic.write_jsonl(ctx.dir / f"{REFERENCE_ONLY}.jsonl", extra)
+        ctx.counts[REFERENCE_ONLY] = len(extra)
+        ctx.counts[f"{REFERENCE_ONLY}_by_layer"] = dict(sorted(collections.Counter(e["layer"] for e in extra).items()))
+        ctx.counts["reference_examples_dropped"] = len(grown) - len(extra)
+        by_split["train"] += extra  # for the unseen-functions count below
     train_fns = {t["function"]["name"] for s in ("train", "dev") for e in by_split[s] for t in e["tools"]}
     eval_fns = {c["name"] for e in by_split["eval"] for c in e["expected"].get("calls", [])}
     ctx.counts["eval_functions_unseen_in_training"] = len(eval_fns - train_fns)

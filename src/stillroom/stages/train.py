@@ -346,7 +346,7 @@ def run(ctx: StageContext) -> None:
     world, rank, device = dist.world_size(), dist.rank(), dist.device()
     torch.manual_seed(cfg.run.seed)
     task = registry().get("task", cfg.data.task)
-    examples = read_examples(ctx.inputs["prepare"])
+    examples = read_examples(ctx.inputs["prepare"], reference_only=True)
     mixture = atomic.read_jsonl(ctx.inputs["mix"] / "mixture.jsonl")
 
     # 1) student
