@@ -50,7 +50,9 @@ def main() -> None:
     teacher = _teacher(cfg["teacher"])
     student_dir = str(run / "train" / "model")
     float_model, tokenizer = models.load(student_dir)
-    int8_model, _ = models.load_quantized(student_dir, "int8_dynamic")
+    recipe = json.loads((run / "compress" / "recipe.json").read_text())
+    smoothing = run / "compress" / recipe["smoothing"]["file"] if recipe.get("smoothing") else None
+    int8_model, _ = models.load_quantized(student_dir, "int8_dynamic", smoothing=smoothing)
     routed = int8_model if results["cascade"].get("student", "student") != "student" else float_model
     slots = {
         "teacher_with_context": (Slot("teacher", teacher[0], teacher[1], 0.0), lambda e: task.teacher_messages(e, cfg["teacher"]["context"])),

@@ -94,6 +94,9 @@ def test_run_skip_force_and_a_loadable_student(config, tmp_path):
     assert results["teacher"]["latency_p50_ms_without_context"] > 0  # the same requests timed without it
     assert results["student"]["peak_memory_mb"] is not None and 0 <= results["student"]["ece"] <= 1
     assert manifest(run, "compress")["counts"]["quantized_linear_layers"] == 2 * 7 + 1  # every Linear, the head included
+    recipe = json.loads((run / "compress" / "recipe.json").read_text())  # smoothing on by default: its scales and both errors
+    assert (run / "compress" / recipe["smoothing"]["file"]).exists() and recipe["calibration_rows"] > 0
+    assert set(recipe["logit_rel_error"]) == {"int8", "smoothed_int8"} and all(v > 0 for v in recipe["logit_rel_error"].values())
     assert results["student_int8"]["metrics"]["task_success"]["n"] == results["student"]["metrics"]["task_success"]["n"]
     everything = json.loads((run / "eval" / "results.json").read_text())
     assert 0 <= everything["cascade"]["eval"]["teacher_share"] <= 1 and everything["cascade"]["dev_examples"] > 0

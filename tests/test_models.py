@@ -1,3 +1,4 @@
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -45,3 +46,42 @@ def test_set_dropout_reaches_every_attention_module(tiny_model_dir):
     attention = [m for m in model.modules() if hasattr(m, "attention_dropout")]
     assert len(attention) == model.config.num_hidden_layers
     assert all(m.attention_dropout == 0.25 for m in attention) and model.config.attention_dropout == 0.25
+
+
+def _down_proj_error(model, quantized, ids) -> float:
+    """Relative error of the last layer's down_proj output, int8 against float, on the same inputs."""
+    seen = {}
+    for name, m in (("float", model), ("int8", quantized)):
+        h = m.model.layers[-1].mlp.down_proj.register_forward_hook(lambda mod, a, out, name=name: seen.__setitem__(name, out))
+        m(ids)
+        h.remove()
+    return ((seen["int8"] - seen["float"]).norm() / seen["float"].norm()).item()
+
+
+def test_smoothing_keeps_the_function_and_shrinks_the_int8_error(tiny_model_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    from stillroom.stages.compress import logit_error
+
+    model, tokenizer = models.load(str(tiny_model_dir))
+    with torch.no_grad():  # plant what real LLMs have: a few down_proj input channels far larger than the rest
+        for layer in model.model.layers:
+            layer.mlp.up_proj.weight[:2] *= 40.0
+    models.save(model, tokenizer, tmp_path / "outliers")
+    texts = ["Tools: get_weather(city). Request: weather in Oslo", "<tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call>"]
+    scales = models.smoothing_scales(model, tokenizer, texts, alpha=0.5)
+    assert set(scales) == {f"layers.{i}.down_proj" for i in range(4)} and all(s.shape == (64,) for s in scales.values())
+    save_file(scales, str(tmp_path / "s.safetensors"))
+
+    ids = tokenizer(texts[0], return_tensors="pt")["input_ids"]
+    smoothed, _ = models.load_quantized(str(tmp_path / "outliers"), "none", smoothing=tmp_path / "s.safetensors")
+    with torch.no_grad():
+        assert torch.allclose(smoothed(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)  # the same function in float
+        plain, _ = models.load_quantized(str(tmp_path / "outliers"), "int8_dynamic")
+        both, _ = models.load_quantized(str(tmp_path / "outliers"), "int8_dynamic", smoothing=tmp_path / "s.safetensors")
+        assert models.count_quantized(both) == models.count_quantized(plain) == 4 * 7 + 1
+        assert _down_proj_error(model, both, ids) < 0.7 * _down_proj_error(model, plain, ids)  # measured: 0.052 against 0.093
+        assert logit_error(model, both, tokenizer, texts) < logit_error(model, plain, tokenizer, texts)
+    wrong = {k: v for k, v in scales.items() if k != "layers.3.down_proj"}
+    with pytest.raises(ValueError, match="do not fit"):
+        models.apply_smoothing(model, wrong)

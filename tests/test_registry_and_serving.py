@@ -243,3 +243,30 @@ def test_a_served_cascade_escalates_to_the_teacher_with_its_context(tmp_path, ti
     assert up.served_by == "teacher" and 0 < up.confidence < 1.01
     assert stay.served_by == "student" and plain.served_by == "student" and plain.confidence is None
     assert up.prompt_tokens > stay.prompt_tokens + 100  # the teacher's rules and worked examples
+
+
+def test_the_int8_recipe_and_its_smoothing_scales_travel_with_the_version(tmp_path, tiny_model_dir):
+    import torch
+    from safetensors.torch import save_file
+
+    from stillroom import models
+    from stillroom.serve import load_slot
+
+    run = make_run(tmp_path, "int8", 4, True, tiny_model_dir)
+    model, tokenizer = models.load(str(run / "train" / "model"))
+    scales = models.smoothing_scales(model, tokenizer, ["Request: weather in Oslo"], alpha=0.5)
+    (run / "compress").mkdir()
+    save_file(scales, str(run / "compress" / "smoothing.safetensors"))
+    (run / "compress" / "recipe.json").write_text(json.dumps({"method": "int8_dynamic", "smoothing": {"file": "smoothing.safetensors"}}))
+    version = registry.register(tmp_path / "registry", run)
+    assert version["serving"]["quantize"] == "int8_dynamic"
+    kept = Path(version["serving"]["smoothing"])
+    assert kept.is_relative_to(tmp_path / "registry") and kept.read_bytes() == (run / "compress" / "smoothing.safetensors").read_bytes()
+    served = load_slot(version, cascade=False).model
+    want, _ = models.load_quantized(str(run / "train" / "model"), "int8_dynamic", smoothing=run / "compress" / "smoothing.safetensors")
+    unsmoothed, _ = models.load_quantized(str(run / "train" / "model"), "int8_dynamic")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert models.count_quantized(served) == 2 * 7 + 1
+        assert torch.equal(served(ids).logits, want(ids).logits)
+        assert not torch.equal(served(ids).logits, unsmoothed(ids).logits)

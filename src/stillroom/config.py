@@ -399,7 +399,9 @@ class EvalConfig(Section):
 
 
 class CompressConfig(Section):
-    quantize: Literal["none", "int8_dynamic"] = "none"  # int8_dynamic: int8 weights in every Linear, activations quantized per call (CPU)
+    quantize: Literal["none", "int8_dynamic"] = "none"  # int8_dynamic: int8 weights (per output channel) in every Linear, activations quantized per call (CPU)
+    smooth_alpha: float | None = Field(0.5, gt=0, lt=1)  # SmoothQuant on the MLP down projections before int8 (None: off)
+    calibration_examples: int = Field(32, ge=1)  # training rows the smoothing scales and the error figures are measured on
 
 
 class RouteConfig(Section):

@@ -175,16 +175,78 @@ def save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Pat
         tokenizer.save_pretrained(tmp)
 
 
-def load_quantized(spec: str, method: str, dtype: str = "float32"):
+def _gated_mlps(model) -> list:
+    """The decoder layers' gated MLPs (``down_proj(act(gate_proj(x)) * up_proj(x))``: Llama, Mistral, Qwen2)."""
+    mlps = [getattr(layer, "mlp", None) for layer in model.get_decoder().layers]
+    if not all(isinstance(getattr(m, "up_proj", None), torch.nn.Linear) and isinstance(getattr(m, "down_proj", None), torch.nn.Linear)
+               for m in mlps):  # fmt: skip
+        raise ValueError(f"{type(model).__name__}: smoothing needs gated MLPs with up_proj and down_proj in every layer "
+                         "(set compress.smooth_alpha: null)")  # fmt: skip
+    return mlps
+
+
+@torch.no_grad()
+def smoothing_scales(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], alpha: float) -> dict[str, torch.Tensor]:
+    """SmoothQuant (Xiao et al. 2023) for the MLP's down projection, whose input has a few channels far
+    larger than the rest, so one int8 scale per token row rounds the others away. Per channel j,
+    ``s_j = max|x_j| ** alpha / max|W_:,j| ** (1 - alpha)`` over ``texts``: down_proj's input is divided
+    by s (folded into up_proj's rows) and its weight columns multiplied by s, the same function in
+    exact arithmetic. Returns ``{"layers.I.down_proj": s [intermediate]}``."""
+    mlps = _gated_mlps(model)
+    amax: dict[int, torch.Tensor] = {}
+
+    def hook(i):
+        def fn(module, args, out):
+            x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0).float()
+            amax[i] = torch.maximum(amax[i], x) if i in amax else x
+        return fn
+
+    handles = [m.down_proj.register_forward_hook(hook(i)) for i, m in enumerate(mlps)]
+    try:
+        for text in texts:
+            model(**tokenizer(text, return_tensors="pt").to(model.device))
+    finally:
+        for h in handles:
+            h.remove()
+    scales = {}
+    for i, m in enumerate(mlps):
+        w = m.down_proj.weight.detach().abs().amax(0).float().clamp(min=1e-5)
+        scales[f"layers.{i}.down_proj"] = (amax[i].clamp(min=1e-5).pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-5)
+    return scales
+
+
+@torch.no_grad()
+def apply_smoothing(model: PreTrainedModel, scales: dict[str, torch.Tensor]) -> PreTrainedModel:
+    """Fold ``smoothing_scales`` into the weights, in place: up_proj rows (and bias) / s, down_proj columns * s."""
+    mlps = _gated_mlps(model)
+    if set(scales) != {f"layers.{i}.down_proj" for i in range(len(mlps))}:
+        raise ValueError(f"smoothing scales for {len(scales)} layers do not fit this model's {len(mlps)}")
+    for i, m in enumerate(mlps):
+        s = scales[f"layers.{i}.down_proj"].to(m.up_proj.weight)
+        m.up_proj.weight.div_(s[:, None])
+        if m.up_proj.bias is not None:
+            m.up_proj.bias.div_(s)
+        m.down_proj.weight.mul_(s[None, :])
+    return model
+
+
+def load_quantized(spec: str, method: str, dtype: str = "float32", smoothing: str | Path | None = None):
     """A model folder loaded and quantized for inference: ``int8_dynamic`` (torch dynamic quantization of
-    every Linear to int8 weights, CPU) or ``none``."""
+    every Linear, the head included: int8 weights with one scale per output channel, activations quantized
+    per call; CPU), after the SmoothQuant scales in the safetensors file ``smoothing`` when given; or ``none``."""
     model, tokenizer = load(spec, dtype)
+    if smoothing is not None:
+        from safetensors.torch import load_file
+
+        apply_smoothing(model, load_file(str(smoothing)))
     if method == "int8_dynamic":
         import warnings
 
+        from torch.ao.quantization import per_channel_dynamic_qconfig
+
         with warnings.catch_warnings():  # torch marks its quantized tensor creation deprecated; it works in this version
             warnings.simplefilter("ignore")
-            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
     elif method != "none":
         raise ValueError(f"unknown quantization {method!r}")
     return model.eval(), tokenizer

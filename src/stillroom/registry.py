@@ -108,10 +108,11 @@ def register(root: Path, run_dir: Path, actor: str | None = None) -> dict:
     card = run_dir / "mix" / "card.json"
     summary = {k: results.get(k) for k in ("latency_p50_ms", "latency_p95_ms", "ece", "params")}
     summary["task_success"] = results["metrics"]["task_success"]["mean"]
-    recipe = run_dir / "compress" / "recipe.json"
+    recipe_file = run_dir / "compress" / "recipe.json"
+    recipe = json.loads(recipe_file.read_text()) if recipe_file.exists() else {"method": "none"}
     serving = {  # what `stillroom serve` needs besides the weights
         "task": cfg.get("data", {}).get("task", "toolcall"),
-        "quantize": json.loads(recipe.read_text())["method"] if recipe.exists() else "none",
+        "quantize": recipe["method"],
         "teacher": cfg["teacher"],
         "cascade": {k: everything["cascade"][k] for k in ("threshold", "signal", "verifier")} if "cascade" in everything else None,
     }
@@ -121,6 +122,11 @@ def register(root: Path, run_dir: Path, actor: str | None = None) -> dict:
         target = Path(root) / "versions" / name / "model"
         with atomic.atomic_dir(target) as tmp:
             shutil.copytree(model, tmp, dirs_exist_ok=True)
+        if recipe.get("smoothing"):  # the quantization's smoothing scales travel with the weights
+            smoothing = target.parent / recipe["smoothing"]["file"]
+            with atomic.atomic_path(smoothing) as tmp:
+                shutil.copyfile(run_dir / "compress" / recipe["smoothing"]["file"], tmp)
+            serving["smoothing"] = str(smoothing.resolve())
         conn.execute(
             "INSERT INTO versions (name, model_path, created_at, run_dir, teacher, config_hash, data_card_hash, weights_hash,"
             " gates_passed, verdict, summary, serving) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",

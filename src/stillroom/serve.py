@@ -90,7 +90,7 @@ def load_slot(version: dict, cascade: bool = True) -> Slot:
     from stillroom.plugins import registry
 
     serving = version.get("serving") or {}
-    model, tokenizer = models.load_quantized(version["model_path"], serving.get("quantize", "none"))
+    model, tokenizer = models.load_quantized(version["model_path"], serving.get("quantize", "none"), smoothing=serving.get("smoothing"))
     slot = Slot(version["name"], model, tokenizer, time.time())
     if cascade and serving.get("cascade"):
         slot.cascade, slot.teacher = serving["cascade"], _teacher(serving["teacher"])

@@ -49,12 +49,13 @@ class HFTeacher:
         self.prefix_cache = PrefixCache()  # the few-shot context is computed once for the run
 
     @classmethod
-    def load(cls, spec: str, dtype: str = "float32", quantize: str = "none") -> HFTeacher:
+    def load(cls, spec: str, dtype: str = "float32", quantize: str = "none", smoothing=None) -> HFTeacher:
         import os
 
         from stillroom import models
 
-        model, tokenizer = models.load_quantized(spec, quantize, dtype) if quantize != "none" else models.load(spec, dtype)
+        quantized = quantize != "none" or smoothing is not None
+        model, tokenizer = models.load_quantized(spec, quantize, dtype, smoothing) if quantized else models.load(spec, dtype)
         return cls(model, tokenizer, spec if spec == "default" else os.path.basename(os.path.normpath(spec)))
 
     def complete(self, conversations, sampling: Sampling, seeds, top_k: int) -> list[Generated]:

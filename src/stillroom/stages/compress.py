@@ -1,29 +1,73 @@
 """Stage `compress`: the inference recipe of the student (quantization), written as data.
 
-``int8_dynamic`` is torch's dynamic quantization: int8 weights in every ``Linear`` (the head included),
-activations quantized on the fly per call, for CPU inference. Its packed weights have no safetensors
-form, so the stage writes the recipe and the hash of the float weights it applies to;
-``models.load_quantized`` rebuilds the quantized model from the float student in about a second,
-bit-identically. The eval stage evaluates it next to the float student.
+``int8_dynamic`` is torch's dynamic quantization: int8 weights with one scale per output channel in
+every ``Linear`` (the head included), activations quantized on the fly per call, for CPU inference.
+Before it, with ``compress.smooth_alpha``, SmoothQuant scales for the MLP down projections are measured
+on ``compress.calibration_examples`` training rows and written to ``smoothing.safetensors``: folded
+into the float weights they leave the function unchanged and move the activations' outlier channels
+into the weights, where per-channel scales absorb them. The quantized packed weights have no
+safetensors form, so the stage writes the recipe, the scales and the hash of the float weights;
+``models.load_quantized`` rebuilds the quantized model from the float student in about a second.
+The recipe also holds the relative error of the quantized model's logits against the float model's on
+the calibration rows, with and without the smoothing. The eval stage evaluates it next to the float
+student.
 """
 
 from __future__ import annotations
 
 import time
 
+import torch
+
 from stillroom import atomic, models
+from stillroom.plugins import registry
 from stillroom.rundir import StageContext, sha256_file
+from stillroom.stages.prepare import read_examples
+from stillroom.stages.train import student_texts
+
+SMOOTHING = "smoothing.safetensors"
+
+
+@torch.no_grad()
+def logit_error(reference, model, tokenizer, texts: list[str]) -> float:
+    """||logits(model) - logits(reference)|| / ||logits(reference)|| over every token of ``texts``."""
+    diff = norm = 0.0
+    for text in texts:
+        enc = tokenizer(text, return_tensors="pt")
+        want = reference(**enc).logits.float()
+        diff += (model(**enc).logits.float() - want).pow(2).sum().item()
+        norm += want.pow(2).sum().item()
+    return round((diff / norm) ** 0.5, 5)
 
 
 def run(ctx: StageContext) -> None:
-    method = ctx.cfg.compress.quantize
+    c = ctx.cfg.compress
     source = ctx.inputs["train"] / "model"
-    recipe = {"method": method, "source": "train/model", "source_weights_sha256": sha256_file(source / "model.safetensors")}
-    if method != "none":
+    recipe = {"method": c.quantize, "source": "train/model", "source_weights_sha256": sha256_file(source / "model.safetensors")}
+    if c.quantize != "none":
         t0 = time.time()
-        model, _ = models.load_quantized(str(source), method)
+        float_model, tokenizer = models.load(str(source))
+        task = registry().get("task", ctx.cfg.data.task)
+        mixture = atomic.read_jsonl(ctx.inputs["mix"] / "mixture.jsonl")
+        texts = student_texts(task, read_examples(ctx.inputs["prepare"], reference_only=True), mixture, tokenizer, c.calibration_examples)
+        plain, _ = models.load_quantized(str(source), c.quantize)
+        recipe["calibration_rows"] = len(texts)
+        recipe["logit_rel_error"] = {"int8": logit_error(float_model, plain, tokenizer, texts)}
+        smoothing = None
+        if c.smooth_alpha is not None:
+            from safetensors.torch import save_file
+
+            scales = models.smoothing_scales(float_model, tokenizer, texts, c.smooth_alpha)
+            with atomic.atomic_path(ctx.dir / SMOOTHING) as tmp:
+                save_file({k: v.contiguous() for k, v in scales.items()}, str(tmp), metadata={"alpha": str(c.smooth_alpha)})
+            smoothing = ctx.dir / SMOOTHING
+            recipe["smoothing"] = {"method": "smoothquant_mlp_down", "alpha": c.smooth_alpha, "file": SMOOTHING,
+                                   "sha256": sha256_file(smoothing)}  # fmt: skip
+        model, _ = models.load_quantized(str(source), c.quantize, smoothing=smoothing)
+        if smoothing is not None:
+            recipe["logit_rel_error"]["smoothed_int8"] = logit_error(float_model, model, tokenizer, texts)
         ctx.timings["quantize_s"] = round(time.time() - t0, 3)
         recipe["quantized_linear_layers"] = models.count_quantized(model)
         recipe["weight_mb"] = round(models.weight_bytes(model) / 2**20, 1)
     atomic.write_json(ctx.dir / "recipe.json", recipe)
-    ctx.counts.update(method=method, **{k: v for k, v in recipe.items() if k in ("quantized_linear_layers", "weight_mb")})
+    ctx.counts.update(method=c.quantize, **{k: v for k, v in recipe.items() if k in ("quantized_linear_layers", "weight_mb", "logit_rel_error")})

@@ -110,7 +110,9 @@ def run(ctx: StageContext) -> None:
     examples = read_split(ctx.inputs["prepare"], ecfg.split)[: ecfg.max_examples]
     measures = {name: registry().get("metric", name)() for name in ecfg.metrics}
     price, seed = cfg.targets.hardware_price_per_hour, cfg.run.seed
-    quantize = json.loads((ctx.inputs["compress"] / "recipe.json").read_text())["method"]
+    recipe = json.loads((ctx.inputs["compress"] / "recipe.json").read_text())
+    quantize = recipe["method"]
+    smoothing = ctx.inputs["compress"] / recipe["smoothing"]["file"] if recipe.get("smoothing") else None
     student_dir = str(ctx.inputs["train"] / "model")
     candidates = [
         ("teacher", lambda: registry().get("teacher", cfg.teacher.backend)(cfg.teacher), lambda e: task.teacher_messages(e, cfg.teacher.context)),
@@ -120,7 +122,8 @@ def run(ctx: StageContext) -> None:
         previous_dir = versions.model_folder(ecfg.previous, ecfg.registry)
         candidates.append(("previous", lambda: HFTeacher.load(previous_dir, cfg.student.dtype), task.student_messages))
     if quantize != "none":
-        candidates.append((f"student_{quantize.split('_')[0]}", lambda: HFTeacher.load(student_dir, "float32", quantize), task.student_messages))
+        candidates.append((f"student_{quantize.split('_')[0]}", lambda: HFTeacher.load(student_dir, "float32", quantize, smoothing),
+                           task.student_messages))  # fmt: skip
     results, rows_of, dev_rows_of, extra = {}, {}, {}, {}
     routed = next((c[0] for c in candidates if c[0].startswith("student_")), "student")  # the served student: quantized when it is
     need_dev = ({"student"} if ecfg.fit_temperature else set()) | ({"teacher", routed} if cfg.route.enabled else set())

@@ -290,6 +290,12 @@ def set_dropout(model, p: float) -> None:
             module.attention_dropout = p
 
 
+def student_texts(task, examples: dict, mixture: list[dict], tokenizer, n: int) -> list[str]:
+    """The first ``n`` training rows of the mixture as the student sees them: its prompt, then the target."""
+    train = [r for r in mixture if r["split"] == "train"][:n]
+    return [generation.render(tokenizer, task.student_messages(examples[r["example_id"]])) + r["text"] for r in train]
+
+
 def build_student(cfg, sample_texts):
     """1) The student: pruned from the teacher's layers (evenly spaced, or the most important on
     ``sample_texts(tokenizer, n)``), or loaded from a folder."""
@@ -352,11 +358,7 @@ def run(ctx: StageContext) -> None:
     # 1) student
     t0 = time.time()
 
-    def sample_texts(tokenizer, n: int) -> list[str]:  # the first n training rows as the student will see them
-        train = [r for r in mixture if r["split"] == "train"][:n]
-        return [generation.render(tokenizer, task.student_messages(examples[r["example_id"]])) + r["text"] for r in train]
-
-    model, tokenizer, origin = build_student(cfg, sample_texts)
+    model, tokenizer, origin = build_student(cfg, lambda tokenizer, n: student_texts(task, examples, mixture, tokenizer, n))
     if t.lora is not None:
         model = with_lora(model, t.lora)
     set_dropout(model, t.dropout)
