@@ -75,3 +75,12 @@ def test_resample_to_layer_weights():
     assert notes["failure"] == {"available": 5, "target": 10}
     again, _ = resample(recs, {"core": 0.5, "failure": 0.5}, 20, random.Random(0))
     assert again == out
+
+
+def test_mean_logprob_counts_the_scored_positions_whether_or_not_the_candidate_finished():
+    from stillroom.stages.select import mean_logprob
+
+    finished = {"token_ids": [5, 6, 7], "token_logprobs": [-1.0, -2.0, -3.0, -2.0], "finished": True}  # end-of-turn scored too
+    cut = {"token_ids": [5, 6, 7], "token_logprobs": [-1.0, -2.0, -3.0], "finished": False}  # hit max_new_tokens: no end-of-turn
+    assert mean_logprob(finished) == -2.0 and mean_logprob(cut) == -2.0  # the old len(token_ids) + 1 gave -1.5 for the cut one
+    assert mean_logprob({"token_ids": [5], "token_logprobs": None}) == float("-inf")

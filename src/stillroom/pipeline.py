@@ -35,7 +35,7 @@ def _stages() -> list[Stage]:
               "signals.max_new_tokens", "signals.max_tool_steps", "signals.batch_size", "signals.shard_size"),
               "the student samples its own candidates, the teacher scores them (signal `self`)", external=self_generate.external, task=True),
         Stage("select", select.run, ("prepare", "generate", "self_generate"), ("data.select", "signals.preference", "signals.self.min_teacher_logprob"),
-              "verify candidates, keep the good, rank pairs", "0.3.0", task=True),
+              "verify candidates, keep the good, rank pairs", "0.3.1", task=True),
         Stage("mix", mix.run, ("prepare", "select"), ("run.seed", "data.layer_weights", "data.mixture", "signals.kind", "signals.self.max_share"),
               "dedup, decontaminate, weight the mixture", "0.3.1"),
         Stage("train", train.run, ("prepare", "generate", "mix"), ("run.seed", "teacher", "student", "train"), "train the student", "0.3.0",

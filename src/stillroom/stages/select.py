@@ -32,20 +32,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stillroom import atomic, verifiers
+from stillroom.routing import logprob_stats
 from stillroom.rundir import StageContext
 from stillroom.stages.generate import read_candidates
 from stillroom.stages.prepare import read_examples
 from stillroom.textnorm import normalize
 
 REASON_EXAMPLES = 3  # example outputs kept per rejection reason in the card
-COLUMNS = ["example_id", "candidate", "text", "token_ids", "seq_logprob", "messages"]
+COLUMNS = ["example_id", "candidate", "text", "token_ids", "token_logprobs", "seq_logprob", "messages"]
 
 
 def mean_logprob(cand: dict) -> float:
-    """The teacher's mean log-prob per token (end-of-turn included) of a candidate; -inf when unknown."""
-    if cand.get("seq_logprob") is None:
+    """The teacher's mean log-prob per scored position of a candidate (the end-of-turn position counts
+    when the teacher stopped there and its backend reports it; a candidate cut at max_new_tokens has
+    none); -inf when unknown. The same figure as the cascade's ``mean_logprob``."""
+    if not cand.get("token_logprobs"):
         return float("-inf")
-    return cand["seq_logprob"] / (len(cand["token_ids"]) + 1)
+    return logprob_stats(cand["token_logprobs"])["mean_logprob"]
 
 
 def pairs_for(cands: list[dict], reference: dict | None, pref) -> list[tuple[dict, dict]]:
@@ -195,7 +198,7 @@ def build_pairs(ctx: StageContext, examples: dict, by_example: dict, pref) -> li
     """Preference pairs per train/dev example from its single-turn candidates (and reference)."""
     from stillroom.stages.generate import read_references
 
-    ref_lp = {r["example_id"]: mean_logprob(r) for r in read_references(ctx.inputs["generate"], ["example_id", "token_ids", "seq_logprob"])}
+    ref_lp = {r["example_id"]: mean_logprob(r) for r in read_references(ctx.inputs["generate"], ["example_id", "token_logprobs"])}
     out = []
     for ex_id in sorted(by_example):
         ex = examples[ex_id]
