@@ -37,6 +37,7 @@ def main() -> None:
     from stillroom.metrics import percentile
     from stillroom.plugins import registry
     from stillroom.serve import Slot, _teacher, answer
+    from stillroom.stages.compress import read_recipe
     from stillroom.stages.prepare import read_split
 
     run = Path(args.run)
@@ -50,8 +51,7 @@ def main() -> None:
     teacher = _teacher(cfg["teacher"])
     student_dir = str(run / "train" / "model")
     float_model, tokenizer = models.load(student_dir)
-    recipe = json.loads((run / "compress" / "recipe.json").read_text())
-    smoothing = run / "compress" / recipe["smoothing"]["file"] if recipe.get("smoothing") else None
+    _, smoothing = read_recipe(run / "compress")
     int8_model, _ = models.load_quantized(student_dir, "int8_dynamic", smoothing=smoothing)
     routed = int8_model if results["cascade"].get("student", "student") != "student" else float_model
     slots = {

@@ -239,6 +239,12 @@ def load_quantized(spec: str, method: str, dtype: str = "float32", smoothing: st
         from safetensors.torch import load_file
 
         apply_smoothing(model, load_file(str(smoothing)))
+    return quantize(model, method), tokenizer
+
+
+def quantize(model: PreTrainedModel, method: str) -> PreTrainedModel:
+    """``model`` for inference (see ``load_quantized``), in eval mode: a quantized copy, ``model`` left as
+    is; with ``none``, ``model`` itself."""
     if method == "int8_dynamic":
         import warnings
 
@@ -249,7 +255,7 @@ def load_quantized(spec: str, method: str, dtype: str = "float32", smoothing: st
             model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
     elif method != "none":
         raise ValueError(f"unknown quantization {method!r}")
-    return model.eval(), tokenizer
+    return model.eval()
 
 
 def _quantized_linears(model) -> list:

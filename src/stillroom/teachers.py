@@ -54,8 +54,7 @@ class HFTeacher:
 
         from stillroom import models
 
-        quantized = quantize != "none" or smoothing is not None
-        model, tokenizer = models.load_quantized(spec, quantize, dtype, smoothing) if quantized else models.load(spec, dtype)
+        model, tokenizer = models.load_quantized(spec, quantize, dtype, smoothing)
         return cls(model, tokenizer, spec if spec == "default" else os.path.basename(os.path.normpath(spec)))
 
     def complete(self, conversations, sampling: Sampling, seeds, top_k: int) -> list[Generated]:

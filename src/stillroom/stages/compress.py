@@ -15,7 +15,10 @@ student.
 
 from __future__ import annotations
 
+import copy
+import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -29,15 +32,23 @@ SMOOTHING = "smoothing.safetensors"
 
 
 @torch.no_grad()
-def logit_error(reference, model, tokenizer, texts: list[str]) -> float:
-    """||logits(model) - logits(reference)|| / ||logits(reference)|| over every token of ``texts``."""
-    diff = norm = 0.0
+def logit_errors(reference, candidates: dict, tokenizer, texts: list[str]) -> dict[str, float]:
+    """Per candidate model, ||logits(model) - logits(reference)|| / ||logits(reference)|| over every token
+    of ``texts``; the reference runs once per text."""
+    diff, norm = dict.fromkeys(candidates, 0.0), 0.0
     for text in texts:
         enc = tokenizer(text, return_tensors="pt")
         want = reference(**enc).logits.float()
-        diff += (model(**enc).logits.float() - want).pow(2).sum().item()
         norm += want.pow(2).sum().item()
-    return round((diff / norm) ** 0.5, 5)
+        for name, model in candidates.items():
+            diff[name] += (model(**enc).logits.float() - want).pow(2).sum().item()
+    return {name: round((d / norm) ** 0.5, 5) for name, d in diff.items()}
+
+
+def read_recipe(compress_dir: Path) -> tuple[dict, Path | None]:
+    """A run's inference recipe and the path of its smoothing scales (None without)."""
+    recipe = json.loads((compress_dir / "recipe.json").read_text())
+    return recipe, compress_dir / recipe["smoothing"]["file"] if recipe.get("smoothing") else None
 
 
 def run(ctx: StageContext) -> None:
@@ -50,22 +61,19 @@ def run(ctx: StageContext) -> None:
         task = registry().get("task", ctx.cfg.data.task)
         mixture = atomic.read_jsonl(ctx.inputs["mix"] / "mixture.jsonl")
         texts = student_texts(task, read_examples(ctx.inputs["prepare"], reference_only=True), mixture, tokenizer, c.calibration_examples)
-        plain, _ = models.load_quantized(str(source), c.quantize)
-        recipe["calibration_rows"] = len(texts)
-        recipe["logit_rel_error"] = {"int8": logit_error(float_model, plain, tokenizer, texts)}
-        smoothing = None
+        quantized = {"int8": models.quantize(float_model, c.quantize)}
         if c.smooth_alpha is not None:
             from safetensors.torch import save_file
 
             scales = models.smoothing_scales(float_model, tokenizer, texts, c.smooth_alpha)
             with atomic.atomic_path(ctx.dir / SMOOTHING) as tmp:
                 save_file({k: v.contiguous() for k, v in scales.items()}, str(tmp), metadata={"alpha": str(c.smooth_alpha)})
-            smoothing = ctx.dir / SMOOTHING
             recipe["smoothing"] = {"method": "smoothquant_mlp_down", "alpha": c.smooth_alpha, "file": SMOOTHING,
-                                   "sha256": sha256_file(smoothing)}  # fmt: skip
-        model, _ = models.load_quantized(str(source), c.quantize, smoothing=smoothing)
-        if smoothing is not None:
-            recipe["logit_rel_error"]["smoothed_int8"] = logit_error(float_model, model, tokenizer, texts)
+                                   "sha256": sha256_file(ctx.dir / SMOOTHING)}  # fmt: skip
+            quantized["smoothed_int8"] = models.quantize(models.apply_smoothing(copy.deepcopy(float_model), scales), c.quantize)
+        recipe["calibration_rows"] = len(texts)
+        recipe["logit_rel_error"] = logit_errors(float_model, quantized, tokenizer, texts)
+        model = list(quantized.values())[-1]  # what eval and serving rebuild: smoothed when there are scales
         ctx.timings["quantize_s"] = round(time.time() - t0, 3)
         recipe["quantized_linear_layers"] = models.count_quantized(model)
         recipe["weight_mb"] = round(models.weight_bytes(model) / 2**20, 1)

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import collections
-import json
 import statistics
 import time
 
@@ -30,6 +29,7 @@ from stillroom.metrics import percentile
 from stillroom.plugins import registry
 from stillroom.progress import add, advance, bar
 from stillroom.rundir import StageContext
+from stillroom.stages.compress import read_recipe
 from stillroom.stages.prepare import read_split
 from stillroom.tasks import answer_of
 from stillroom.teachers import HFTeacher, Sampling
@@ -110,9 +110,8 @@ def run(ctx: StageContext) -> None:
     examples = read_split(ctx.inputs["prepare"], ecfg.split)[: ecfg.max_examples]
     measures = {name: registry().get("metric", name)() for name in ecfg.metrics}
     price, seed = cfg.targets.hardware_price_per_hour, cfg.run.seed
-    recipe = json.loads((ctx.inputs["compress"] / "recipe.json").read_text())
+    recipe, smoothing = read_recipe(ctx.inputs["compress"])
     quantize = recipe["method"]
-    smoothing = ctx.inputs["compress"] / recipe["smoothing"]["file"] if recipe.get("smoothing") else None
     student_dir = str(ctx.inputs["train"] / "model")
     candidates = [
         ("teacher", lambda: registry().get("teacher", cfg.teacher.backend)(cfg.teacher), lambda e: task.teacher_messages(e, cfg.teacher.context)),

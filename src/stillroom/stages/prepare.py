@@ -41,7 +41,7 @@ def read_examples(prepare_dir: Path, splits=("train", "dev"), reference_only: bo
     ``reference_only`` the train examples the teacher never sees follow (split ``train``)."""
     out = {e["id"]: {**e, "split": s} for s in splits for e in read_split(prepare_dir, s)}
     if reference_only and (prepare_dir / f"{REFERENCE_ONLY}.jsonl").exists():
-        out.update({e["id"]: {**e, "split": "train", "reference_only": True} for e in read_split(prepare_dir, REFERENCE_ONLY)})
+        out.update({e["id"]: {**e, "split": "train"} for e in read_split(prepare_dir, REFERENCE_ONLY)})
     return out
 
 
@@ -59,6 +59,7 @@ def run(ctx: StageContext) -> None:
         atomic.write_jsonl(ctx.dir / f"{split}.jsonl", rows)
         ctx.counts[split] = len(rows)
         ctx.counts[f"{split}_by_layer"] = dict(sorted(collections.Counter(e["layer"] for e in rows).items()))
+    extra = []
     if d.reference_examples:
         seen = set(ids)
         grown = [e for e in task.build_examples(d.n_examples + d.reference_examples, d.layer_weights, ctx.cfg.run.seed,
@@ -69,7 +70,6 @@ def run(ctx: StageContext) -> None:
         ctx.counts[REFERENCE_ONLY] = len(extra)
         ctx.counts[f"{REFERENCE_ONLY}_by_layer"] = dict(sorted(collections.Counter(e["layer"] for e in extra).items()))
         ctx.counts["reference_examples_dropped"] = len(grown) - len(extra)
-        by_split["train"] += extra  # for the unseen-functions count below
-    train_fns = {t["function"]["name"] for s in ("train", "dev") for e in by_split[s] for t in e["tools"]}
+    train_fns = {t["function"]["name"] for e in (*by_split["train"], *by_split["dev"], *extra) for t in e["tools"]}
     eval_fns = {c["name"] for e in by_split["eval"] for c in e["expected"].get("calls", [])}
     ctx.counts["eval_functions_unseen_in_training"] = len(eval_fns - train_fns)
