@@ -15,7 +15,7 @@ import yaml
 
 from stillroom.config import DEFAULT_GATES
 
-STAGES = ["prepare", "generate", "self_generate", "select", "mix", "train", "compress", "eval", "report"]
+STAGES = ["prepare", "adapt", "generate", "self_generate", "select", "mix", "train", "baseline", "compress", "eval", "report"]
 
 
 @pytest.fixture
@@ -126,7 +126,7 @@ def test_run_skip_force_and_a_loadable_student(config, tmp_path):
 
     forced = cli("run", config, "--force", "train", expect=GATES_FAILED)
     skipped = [s for s in STAGES if f"{s}: up to date" in forced.stderr]
-    assert skipped == ["prepare", "generate", "self_generate", "select", "mix"], forced.stderr
+    assert skipped == ["prepare", "adapt", "generate", "self_generate", "select", "mix", "baseline"], forced.stderr  # baseline does not read train
 
     bad = cli("run", config, "--force", "nosuchstage", check=False)
     assert bad.returncode == 2 and "unknown stage" in bad.stderr

@@ -68,8 +68,10 @@ def test_atomic_dir_replaces_whole_folder(tmp_path):
 def test_stage_graph_order_and_dependencies():
     stages = _stages()
     assert tuple(s.name for s in stages) == STAGE_NAMES
-    assert [s.name for s in upstream(stages, "train")] == ["prepare", "generate", "self_generate", "select", "mix", "train"]
-    assert downstream(stages, {"select"}) == {"select", "mix", "train", "compress", "eval", "report"}
+    assert [s.name for s in upstream(stages, "train")] == ["prepare", "adapt", "generate", "self_generate", "select", "mix", "train"]
+    assert downstream(stages, {"select"}) == {"select", "mix", "train", "baseline", "compress", "eval", "report"}
+    # a corrected teacher redoes everything it feeds: its signals, the pruned students, their evaluation
+    assert downstream(stages, {"adapt"}) == set(STAGE_NAMES) - {"prepare"}
     assert downstream(stages, {"eval"}) == {"eval", "report"}
 
 

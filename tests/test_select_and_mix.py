@@ -3,7 +3,7 @@ import random
 from stillroom import contamination, dedup
 from stillroom.examples.toolcall.task import ToolCallTask
 from stillroom.stages.mix import resample
-from stillroom.stages.prepare import split_of
+from stillroom.stages.prepare import split_for
 from stillroom.stages.select import choose
 
 
@@ -44,7 +44,7 @@ def edit(rng: random.Random, text: str) -> str:
 
 def test_contamination_finds_planted_eval_prompts():
     examples = ToolCallTask().build_examples(400, {"core": 0.5, "failure": 0.25, "long_tail": 0.25}, 0, 6)
-    split = {e["id"]: e.get("pinned_split") or split_of(e["id"], 0.2, 0.1) for e in examples}
+    split = {e["id"]: split_for(e, 0.2, 0.1) for e in examples}
     evals = [e for e in examples if split[e["id"]] == "eval"]
     train = [(e["id"], e["request"]) for e in examples if split[e["id"]] == "train"]
     rng = random.Random(0)
@@ -84,3 +84,25 @@ def test_mean_logprob_counts_the_scored_positions_whether_or_not_the_candidate_f
     cut = {"token_ids": [5, 6, 7], "token_logprobs": [-1.0, -2.0, -3.0], "finished": False}  # hit max_new_tokens: no end-of-turn
     assert mean_logprob(finished) == -2.0 and mean_logprob(cut) == -2.0  # the old len(token_ids) + 1 gave -1.5 for the cut one
     assert mean_logprob({"token_ids": [5], "token_logprobs": None}) == float("-inf")
+
+
+def test_boilerplate_targets_are_not_contamination_but_specific_ones_are():
+    """A policy text many held-out prompts share (a refusal) says nothing about any one of them; a
+    held-out example's own call does. Prompts are checked either way."""
+    from stillroom.config import ContaminationConfig
+    from stillroom.stages.mix import decontaminate
+
+    refusal = "I can't help with that."
+    evals = [{"id": f"e{i}", "request": f"harmful request number {i} about {w}", "reference": refusal}
+             for i, w in enumerate(["banks", "phones", "emails"])]  # fmt: skip
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Reykjavik"}}</tool_call>'
+    evals.append({"id": "e3", "request": "How is the weather in Reykjavik today?", "reference": call})
+    examples = {"t0": {"request": "please do something nasty to my neighbour"}, "t1": {"request": "is it cold up north?"},
+                "t2": {"request": "harmful request number 2 about emails"}}  # fmt: skip
+    records = [{"id": "r0", "example_id": "t0", "text": refusal}, {"id": "r1", "example_id": "t1", "text": call},
+               {"id": "r2", "example_id": "t2", "text": refusal}]  # fmt: skip
+    kept, hits = decontaminate(records, examples, evals, ContaminationConfig())
+    assert [r["id"] for r in kept] == ["r0"]
+    assert {(h.train_id, h.field) for h in hits} == {("r1", "target"), ("r2", "prompt")}
+    _, strict = decontaminate(records, examples, evals, ContaminationConfig(boilerplate_min=0))
+    assert "r0" in {h.train_id for h in strict}  # without the boilerplate rule the refusal itself is flagged

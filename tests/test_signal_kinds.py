@@ -13,7 +13,7 @@ import yaml
 
 from stillroom.config import ConfigError, PreferenceConfig, load_config
 from stillroom.stages.mix import cap_self
-from stillroom.stages.prepare import split_of
+from stillroom.stages.prepare import split_for
 from stillroom.stages.select import pairs_for
 
 DEMO = Path(__file__).parents[1] / "src" / "stillroom" / "examples" / "toolcall" / "demo.yaml"
@@ -112,7 +112,7 @@ def test_reference_only_examples_train_by_their_reference_and_never_reach_the_te
     extra = [json.loads(line) for line in (prep / "train_reference.jsonl").open()]
     extra_ids = {e["id"] for e in extra}
     assert extra and not extra_ids & set().union(*split_ids.values())
-    assert all(split_of(e["id"], 0.2, 0.1) == "train" and not e.get("pinned_split") and (e["reference"] or e["reference_trace"]) for e in extra)
+    assert all(split_for(e, 0.2, 0.1) == "train" and e.get("pinned_split") != "eval" and (e["reference"] or e["reference_trace"]) for e in extra)
     counts = json.loads((prep / "manifest.json").read_text())["counts"]
     assert counts["train_reference"] == len(extra) and counts["train"] == len(split_ids["train"])
     # the teacher's store, the self-generated one and the pairs cover the train and dev prompts only

@@ -62,15 +62,29 @@ def test_held_out_functions_never_reach_training_prompts():
     held = task.held_out(6)
     assert len(held) == 6
     ex = build(400)
-    pinned = [e for e in ex if e.get("pinned_split") == "eval"]
-    assert pinned, "some examples should use held-out functions"
+    pinned = [e for e in ex if "unseen_function" in e.get("tags", [])]
+    assert pinned and all(e["pinned_split"] == "eval" for e in pinned), "some examples should use held-out functions"
     for e in ex:
         offered = {t["function"]["name"] for t in e["tools"]}
         if e.get("pinned_split") != "eval":
             assert not offered & held, e["id"]
-        else:
+        elif "unseen_function" in e.get("tags", []):
             intended = e["expected"]["calls"][0]["name"] if "calls" in e["expected"] else e["expected"]["function"]
             assert intended in held
+
+
+def test_held_out_requests_of_the_fixed_pools_are_only_ever_evaluated():
+    """The no-tool and unsafe requests come from fixed pools: a third of each pool is pinned to eval, the
+    rest never reaches it, so a held-out refusal is never a request the model saw in training."""
+    from stillroom.stages.prepare import split_for
+
+    ex = [e for e in build(600) if e["slice"] in ("no_tool", "unsafe")]
+    held = {e["request"] for e in ex if "unseen_request" in e.get("tags", [])}
+    seen = {e["request"] for e in ex if "unseen_request" not in e.get("tags", [])}
+    assert held and seen and not held & seen
+    for e in ex:
+        split = split_for(e, 0.3, 0.1)
+        assert (split == "eval") == (e["request"] in held), e["id"]
 
 
 def test_check_distinguishes_failure_kinds():

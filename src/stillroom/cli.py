@@ -92,11 +92,13 @@ def _stage_command(stage: str, doc: str) -> None:
 
 for _stage, _doc in (
     ("prepare", "Build the task's examples and their train/dev/eval splits."),
+    ("adapt", "Teacher correction: fine-tune the teacher on the labelled pool before it generates (adapt.enabled)."),
     ("generate", "Sample teacher candidates (multi-step traces included) for the train and dev prompts."),
     ("self_generate", "The student samples its own candidates and the teacher scores them (signals.kind: self)."),
     ("select", "Verify candidates, keep those that pass, build preference pairs."),
     ("mix", "Deduplicate, check contamination against eval, weight the layers."),
     ("train", "Train the student on the selected candidates."),
+    ("baseline", "Train the pool-only student: same init and recipe, the labelled pool's references alone (baseline.pool_only)."),
     ("compress", "Write the student's inference recipe (compress.quantize)."),
     ("eval", "Evaluate teacher and student on the held-out split and apply the gates (exit 3 when one fails)."),
     ("report", "Write the run's report.html and report.md (exit 3 when a gate failed)."),

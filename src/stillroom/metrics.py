@@ -117,6 +117,20 @@ def by_group(rows: list[dict], metric_names: list[str], key: str | None, seed: i
     }
 
 
+def by_tag(rows: list[dict], metric_names: list[str], seed: int = 0) -> dict:
+    """Per tag (an example carries any number in ``tags``, e.g. ``unseen_function``), per metric:
+    ``summary`` over the rows that carry it."""
+    tags = sorted({t for r in rows for t in r.get("tags", [])})
+    return {t: by_group([r for r in rows if t in r.get("tags", [])], metric_names, None, seed)["all"] for t in tags}
+
+
+def deltas_by_tag(base_rows: list[dict], other_rows: list[dict], metric_names: list[str], seed: int = 0) -> dict:
+    """Per tag, per metric: the paired difference other - base on the examples that carry the tag."""
+    tags = sorted({t for r in base_rows for t in r.get("tags", [])})
+    pick = lambda rows, t: [r for r in rows if t in r.get("tags", [])]  # noqa: E731
+    return {t: deltas(pick(base_rows, t), pick(other_rows, t), metric_names, None, seed)["all"] for t in tags}
+
+
 def deltas(base_rows: list[dict], other_rows: list[dict], metric_names: list[str], key: str | None, seed: int = 0) -> dict:
     """Per group and metric, the paired difference other - base on the same examples."""
     out: dict[str, dict] = {}

@@ -81,6 +81,18 @@ def load(spec: str, dtype: str = "float32") -> tuple[PreTrainedModel, PreTrained
     return model, tokenizer
 
 
+def train_only_top(model: PreTrainedModel, n: int) -> None:
+    """Freeze every weight but the last ``n`` decoder layers and the final norm: backward stops at
+    the first trainable layer, so a step costs the forward plus ``n`` layers' backward."""
+    layers = model.get_decoder().layers
+    if n > len(layers):
+        raise ValueError(f"train_layers {n}: the model has {len(layers)} layers")
+    model.requires_grad_(False)
+    for layer in layers[len(layers) - n :]:
+        layer.requires_grad_(True)
+    model.get_decoder().norm.requires_grad_(True)
+
+
 def evenly_spaced(n_layers: int, k: int) -> list[int]:
     """``k`` of ``n_layers`` indices, first and last included, as evenly spaced as integers allow."""
     if not 1 <= k <= n_layers:

@@ -1,6 +1,6 @@
 """The stage graph and the loop that runs it with caching.
 
-prepare -> generate (+ self_generate) -> select -> mix -> train -> compress -> eval -> report. Each stage is a plain function
+prepare -> adapt -> generate (+ self_generate) -> select -> mix -> train (+ baseline) -> compress -> eval -> report. Each stage is a plain function
 ``run(ctx)`` in ``stillroom.stages``; this module decides which ones to run: a stage is skipped when
 its manifest is complete, its key matches and its files are intact; ``force`` redoes a stage and
 everything downstream of it.
@@ -24,31 +24,38 @@ console = Console(stderr=True)
 
 def _stages() -> list[Stage]:
     # imported lazily: stage modules pull in torch, the config path must not
-    from stillroom.stages import compress, evaluate, generate, mix, prepare, report, select, self_generate, train
+    from stillroom.stages import adapt, baseline, compress, evaluate, generate, mix, prepare, report, select, self_generate, train
 
     generate_config = ("run.seed", "teacher", *(f"signals.{k}" for k in GENERATE_FIELDS))  # not `kind`: variants share the teacher's signals
 
     return [
         Stage("prepare", prepare.run, (), ("run.seed", "data"), "build the task's examples and fixed splits"),
-        Stage("generate", generate.run, ("prepare",), generate_config, "sample teacher candidates and traces", "0.3.0", task=True),
-        Stage("self_generate", self_generate.run, ("prepare",), ("run.seed", "teacher", "student.dtype", "signals.self", "signals.top_p",
+        Stage("adapt", adapt.run, ("prepare",), ("run.seed", "teacher", "adapt"),
+              "teacher correction: fine-tune the teacher on the labelled pool", "0.1.0", task=True),
+        Stage("generate", generate.run, ("prepare", "adapt"), generate_config, "sample teacher candidates and traces", "0.4.0", task=True),
+        Stage("self_generate", self_generate.run, ("prepare", "adapt"), ("run.seed", "teacher", "student.dtype", "signals.self", "signals.top_p",
               "signals.max_new_tokens", "signals.max_tool_steps", "signals.batch_size", "signals.shard_size"),
               "the student samples its own candidates, the teacher scores them (signal `self`)", external=self_generate.external, task=True),
         Stage("select", select.run, ("prepare", "generate", "self_generate"), ("data.select", "signals.preference", "signals.self.min_teacher_logprob"),
               "verify candidates, keep the good, rank pairs", "0.3.1", task=True),
         Stage("mix", mix.run, ("prepare", "select"), ("run.seed", "data.layer_weights", "data.mixture", "signals.kind", "signals.self.max_share"),
               "dedup, decontaminate, weight the mixture", "0.3.1"),
-        Stage("train", train.run, ("prepare", "generate", "mix"), ("run.seed", "teacher", "student", "train"), "train the student", "0.3.0",
-              task=True),
+        Stage("train", train.run, ("prepare", "adapt", "generate", "mix"), ("run.seed", "teacher", "student", "train", "signals.on_policy",
+              "signals.max_new_tokens", "signals.top_k", "signals.batch_size"), "train the student",
+              "0.4.0", task=True),
+        Stage("baseline", baseline.run, ("prepare", "adapt", "mix"), ("run.seed", "teacher", "student", "train", "baseline"),
+              "the pool-only student: same init and recipe, the labelled pool alone", "0.1.0", task=True),
         Stage("compress", compress.run, ("prepare", "mix", "train"), ("compress", "data.task"),
               "write the student's inference recipe (quantization, smoothing scales)", "0.2.0", task=True),
-        Stage("eval", evaluate.run, ("prepare", "train", "compress"), ("run.seed", "teacher", "student.dtype", "eval", "targets", "route"),
-              "measure teacher, student (and quantized student, cascade); apply the gates", "0.3.0", evaluate.external, task=True),
-        Stage("report", report.run, ("prepare", "select", "mix", "train", "eval"), ("targets", "eval"), "write the run report", "0.2.0"),
+        Stage("eval", evaluate.run, ("prepare", "adapt", "train", "baseline", "compress"),
+              ("run.seed", "teacher", "student.dtype", "eval", "targets", "route"),
+              "measure teachers, students (quantized, pool-only, cascade); apply the gates", "0.4.0", evaluate.external, task=True),
+        Stage("report", report.run, ("prepare", "adapt", "select", "mix", "train", "baseline", "eval"), ("targets", "eval"),
+              "write the run report", "0.3.0"),
     ]
 
 
-STAGE_NAMES = ("prepare", "generate", "self_generate", "select", "mix", "train", "compress", "eval", "report")
+STAGE_NAMES = ("prepare", "adapt", "generate", "self_generate", "select", "mix", "train", "baseline", "compress", "eval", "report")
 GENERATE_FIELDS = ("n", "include_greedy", "temperature", "top_p", "max_new_tokens", "max_tool_steps", "top_k", "score_references",
                    "batch_size", "shard_size")  # fmt: skip
 
@@ -64,6 +71,13 @@ def task_fingerprint(name: str) -> str:
 
 def run_dir(cfg: PipelineConfig) -> Path:
     return Path(cfg.run.dir) / cfg.run.name
+
+
+def effective_teacher(cfg: PipelineConfig, root: Path):
+    """The teacher the stages use: as configured, or the corrected one (``adapt/model``) where ``adapt`` runs."""
+    if not cfg.adapt.enabled:
+        return cfg.teacher
+    return cfg.teacher.model_copy(update={"model": str((root / "adapt" / "model").resolve())})
 
 
 def downstream(stages: list[Stage], names: set[str]) -> set[str]:
@@ -119,7 +133,7 @@ def run_pipeline(cfg: PipelineConfig, until: str = "report", force: set[str] = f
             console.rule(f"[bold]{st.name}[/bold]: {st.help}")
             _reset(stage_dir, keep_scratch=st.name not in force)
         distributed.barrier()
-        ctx = StageContext(name=st.name, dir=stage_dir, cfg=cfg, inputs=inputs, key=key)
+        ctx = StageContext(name=st.name, dir=stage_dir, cfg=cfg, inputs=inputs, key=key, teacher=effective_teacher(cfg, root))
         started = time.time()
         st.run(ctx)
         if main:

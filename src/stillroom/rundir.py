@@ -90,6 +90,7 @@ class StageContext:
     key: str
     counts: dict[str, Any] = field(default_factory=dict)  # the stage adds its figures here
     timings: dict[str, float] = field(default_factory=dict)
+    teacher: Any = None  # TeacherConfig of the teacher the stage uses: the corrected one (adapt/model) where `adapt` ran
 
 
 @dataclass(frozen=True)

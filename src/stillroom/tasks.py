@@ -27,7 +27,8 @@ class Task(Protocol):
 
     def build_examples(self, n: int, layer_weights: dict[str, float], seed: int, held_out_functions: int) -> list[dict]:
         """``n`` examples split across layers by weight. Examples that must only ever be evaluated
-        (e.g. they use held-out functions) carry ``"pinned_split": "eval"``."""
+        (e.g. they use held-out functions) carry ``"pinned_split": "eval"``; those that must never be
+        (their request text is one a held-out example uses) carry ``"pinned_split": "not_eval"``."""
 
     def teacher_messages(self, example: dict, context: str) -> list[dict]:
         """Chat messages for the teacher; ``context`` is ``few_shot`` or ``none``."""

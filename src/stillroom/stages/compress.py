@@ -60,7 +60,7 @@ def run(ctx: StageContext) -> None:
         float_model, tokenizer = models.load(str(source))
         task = registry().get("task", ctx.cfg.data.task)
         mixture = atomic.read_jsonl(ctx.inputs["mix"] / "mixture.jsonl")
-        texts = student_texts(task, read_examples(ctx.inputs["prepare"], reference_only=True), mixture, tokenizer, c.calibration_examples)
+        texts = student_texts(task.student_messages, read_examples(ctx.inputs["prepare"], reference_only=True), mixture, tokenizer, c.calibration_examples)
         quantized = {"int8": models.quantize(float_model, c.quantize)}
         if c.smooth_alpha is not None:
             from safetensors.torch import save_file

@@ -52,7 +52,7 @@ def quality_pass(label, endpoint, messages_of, examples, batch_size, max_new_tok
                 trace = {"messages": ep.messages} if ep.multi_turn else {}
                 out = {"text": g.text, "token_ids": g.token_ids, **trace}
                 verdict = task.check(e, answer_of(out))
-                rows.append({"model": label, "example_id": e["id"], "layer": e["layer"], "slice": e["slice"],
+                rows.append({"model": label, "example_id": e["id"], "layer": e["layer"], "slice": e["slice"], "tags": e.get("tags", []),
                              "output": g.text, "reason": verdict.reason, "prompt_tokens": g.prompt_tokens,
                              "new_tokens": len(g.token_ids), "turns": len(ep.turns), **routing.logprob_stats(g.token_logprobs),
                              "metrics": {name: m(e, out) for name, m in measures.items()}, **trace})  # fmt: skip
@@ -87,6 +87,7 @@ def summarize(rows, latencies, new_tokens, batch_s, ecfg, names, price, seed, lo
         "metrics": metrics.by_group(rows, names, None, seed)["all"],
         "per_layer": metrics.by_group(rows, names, "layer", seed),
         "per_slice": metrics.by_group(rows, names, "slice", seed),
+        "per_tag": metrics.by_tag(rows, names, seed),
         "ece": round(calibration.ece(conf, correct, ecfg.calibration_bins), 4),
         "brier": round(calibration.brier(conf, correct), 4),
         "reliability": calibration.reliability(conf, correct, ecfg.calibration_bins),
@@ -113,19 +114,27 @@ def run(ctx: StageContext) -> None:
     recipe, smoothing = read_recipe(ctx.inputs["compress"])
     quantize = recipe["method"]
     student_dir = str(ctx.inputs["train"] / "model")
+    teacher = ctx.teacher  # the corrected teacher where `adapt` ran
     candidates = [
-        ("teacher", lambda: registry().get("teacher", cfg.teacher.backend)(cfg.teacher), lambda e: task.teacher_messages(e, cfg.teacher.context)),
+        ("teacher", lambda: registry().get("teacher", teacher.backend)(teacher), lambda e: task.teacher_messages(e, teacher.context)),
         ("student", lambda: HFTeacher.load(student_dir, cfg.student.dtype), task.student_messages),
     ]  # fmt: skip
+    if cfg.adapt.enabled and ecfg.shipped_teacher:  # the teacher as shipped, before correction
+        candidates.insert(0, ("teacher_shipped", lambda: registry().get("teacher", cfg.teacher.backend)(cfg.teacher),
+                              lambda e: task.teacher_messages(e, ecfg.shipped_teacher_context)))  # fmt: skip
+    pool_only_dir = ctx.inputs["baseline"] / "model"
+    if pool_only_dir.exists():  # the pool-only student (stage `baseline`)
+        candidates.append(("pool_only", lambda: HFTeacher.load(str(pool_only_dir), cfg.student.dtype), task.student_messages))
     if ecfg.previous is not None:  # an earlier student on the same examples (self-distillation's guard)
         previous_dir = versions.model_folder(ecfg.previous, ecfg.registry)
         candidates.append(("previous", lambda: HFTeacher.load(previous_dir, cfg.student.dtype), task.student_messages))
     if quantize != "none":
         candidates.append((f"student_{quantize.split('_')[0]}", lambda: HFTeacher.load(student_dir, "float32", quantize, smoothing),
                            task.student_messages))  # fmt: skip
-    results, rows_of, dev_rows_of, extra = {}, {}, {}, {}
+    results, rows_of, dev_rows_of, extra, measured = {}, {}, {}, {}, {}
     routed = next((c[0] for c in candidates if c[0].startswith("student_")), "student")  # the served student: quantized when it is
-    need_dev = ({"student"} if ecfg.fit_temperature else set()) | ({"teacher", routed} if cfg.route.enabled else set())
+    auto_confidence = ecfg.confidence == "auto"
+    need_dev = ({"student"} if ecfg.fit_temperature or auto_confidence else set()) | ({"teacher", routed} if cfg.route.enabled else set())
     dev = read_split(ctx.inputs["prepare"], "dev") if need_dev else []
     for label, load, messages_of in candidates:
         with PeakMemory() as mem:
@@ -133,7 +142,7 @@ def run(ctx: StageContext) -> None:
             rows, new_tokens, batch_s = quality_pass(label, endpoint, messages_of, examples, ecfg.batch_size, ecfg.max_new_tokens,
                                                      measures, ecfg.max_tool_steps)  # fmt: skip
             latencies = latency_pass(label, endpoint, messages_of, examples, ecfg.latency_requests, ecfg.max_new_tokens)
-            if label == "teacher" and cfg.teacher.context != "none" and ecfg.latency_requests:  # what the context costs
+            if label == "teacher" and teacher.context != "none" and ecfg.latency_requests:  # what the context costs
                 bare = latency_pass("teacher without context", endpoint, lambda e: task.teacher_messages(e, "none"),
                                     examples, ecfg.latency_requests, ecfg.max_new_tokens)  # fmt: skip
                 extra["latency_p50_ms_without_context"] = round(1000 * percentile(bare, 50), 1)
@@ -141,23 +150,31 @@ def run(ctx: StageContext) -> None:
                 dev_rows_of[label], _, _ = quality_pass(f"{label} dev", endpoint, messages_of, dev, ecfg.batch_size,
                                                         ecfg.max_new_tokens, measures, ecfg.max_tool_steps)  # fmt: skip
         local = getattr(endpoint, "model", None)
-        results[label] = summarize(rows, latencies, new_tokens, batch_s, ecfg, ecfg.metrics, price, seed, local,
-                                   mem.mb if local is not None else None)  # fmt: skip
+        measured[label] = (rows, latencies, new_tokens, batch_s, local, mem.mb if local is not None else None)
+        rows_of[label] = rows
+        del endpoint, local
+    chosen = choose_confidence(dev_rows_of["student"], ecfg) if auto_confidence else None
+    ecfg_used = ecfg.model_copy(update={"confidence": chosen["signal"]}) if chosen else ecfg
+    for label, (rows, latencies, new_tokens, batch_s, local, peak) in measured.items():
+        results[label] = summarize(rows, latencies, new_tokens, batch_s, ecfg_used, ecfg.metrics, price, seed, local, peak)
         if label == "teacher":
             results[label].update(extra)
-        rows_of[label] = rows
-        del endpoint
+    measured.clear()
+    if chosen:
+        results["student"]["confidence_choice"] = chosen
     if ecfg.fit_temperature:
-        results["student"]["temperature_fit"] = fit_on_dev(dev_rows_of["student"], rows_of["student"], ecfg)
-    deltas = {per: metrics.deltas(rows_of["teacher"], rows_of["student"], ecfg.metrics, key, seed)
-              for per, key in (("all", None), ("layer", "layer"), ("slice", "slice"))}  # fmt: skip
+        results["student"]["temperature_fit"] = fit_on_dev(dev_rows_of["student"], rows_of["student"], ecfg_used)
+    deltas = paired_deltas(rows_of["teacher"], rows_of["student"], ecfg.metrics, seed)
     out = {"split": ecfg.split, "seed": seed, "models": results, "deltas_student_vs_teacher": deltas,
            "drift_vs_teacher": {label: drift(rows_of["teacher"], rows_of[label]) for label in results if label != "teacher"}}  # fmt: skip
     if "previous" in results:
-        out["deltas_student_vs_previous"] = {per: metrics.deltas(rows_of["previous"], rows_of["student"], ecfg.metrics, key, seed)
-                                             for per, key in (("all", None), ("layer", "layer"), ("slice", "slice"))}  # fmt: skip
+        out["deltas_student_vs_previous"] = paired_deltas(rows_of["previous"], rows_of["student"], ecfg.metrics, seed)
+    if "pool_only" in results:  # what distillation adds over the labelled pool alone
+        out["deltas_student_vs_pool_only"] = paired_deltas(rows_of["pool_only"], rows_of["student"], ecfg.metrics, seed)
+    if "teacher_shipped" in results:  # what teacher correction bought
+        out["deltas_teacher_vs_shipped"] = paired_deltas(rows_of["teacher_shipped"], rows_of["teacher"], ecfg.metrics, seed)
     for label in results:
-        if label.startswith("student_"):  # the quantized student against the float one, same examples
+        if label == routed and label != "student":  # the quantized student against the float one, same examples
             out[f"deltas_{label}_vs_student"] = {"all": metrics.deltas(rows_of["student"], rows_of[label], ecfg.metrics, None, seed)["all"]}
             out[f"speed_{label}_vs_student"] = {
                 "latency_p50_ratio": round(results["student"]["latency_p50_ms"] / max(results[label]["latency_p50_ms"], 1e-9), 3),
@@ -173,6 +190,23 @@ def run(ctx: StageContext) -> None:
     print_summary(out, decision)
     ctx.counts.update(examples=len(examples), gates_passed=decision["passed"],
                       **{f"{k}_task_success": v["metrics"]["task_success"]["mean"] for k, v in results.items()})  # fmt: skip
+
+
+def paired_deltas(base_rows: list[dict], rows: list[dict], names: list[str], seed: int) -> dict:
+    """rows - base_rows on the same examples, overall, per layer, per slice and per tag."""
+    out = {per: metrics.deltas(base_rows, rows, names, key, seed) for per, key in (("all", None), ("layer", "layer"), ("slice", "slice"))}
+    out["tag"] = metrics.deltas_by_tag(base_rows, rows, names, seed)
+    return out
+
+
+def choose_confidence(dev_rows: list[dict], ecfg) -> dict:
+    """``eval.confidence: auto``: the signal whose confidences are best calibrated on the student's dev
+    answers (lowest ECE; ties to the earlier of mean, min, sequence). Fixed by rule on dev before any
+    held-out figure is read."""
+    correct = [r["metrics"]["task_success"] for r in dev_rows]
+    eces = {sig: round(calibration.ece([routing.confidence(r, sig) for r in dev_rows], correct, ecfg.calibration_bins), 4)
+            for sig in routing.SIGNALS}  # fmt: skip
+    return {"signal": min(eces, key=lambda sig: (eces[sig], list(routing.SIGNALS).index(sig))), "dev_ece": eces, "dev_examples": len(dev_rows)}
 
 
 def external(cfg) -> dict[str, str]:

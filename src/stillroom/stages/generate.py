@@ -150,7 +150,7 @@ def run(ctx: StageContext) -> None:
     ctx.counts["shards_resumed"] = len(shards) - len(todo)
 
     t0 = time.time()
-    teacher = registry().get("teacher", cfg.teacher.backend)(cfg.teacher)
+    teacher = registry().get("teacher", ctx.teacher.backend)(ctx.teacher)  # the corrected teacher where `adapt` ran
     ctx.timings["load_teacher_s"] = round(time.time() - t0, 3)
     store_schema = schema(teacher.vocab_size)
     new_tokens, started = 0, time.time()
@@ -159,7 +159,7 @@ def run(ctx: StageContext) -> None:
         for i in todo:
             rows = []
             seed_of = lambda e, c, step: derive_seed(cfg.run.seed, e["id"], c, *([step] if step else []))  # noqa: E731
-            for batch in sample_records(teacher, teacher.id, task, shards[i], lambda e: task.teacher_messages(e, cfg.teacher.context),
+            for batch in sample_records(teacher, teacher.id, task, shards[i], lambda e: task.teacher_messages(e, ctx.teacher.context),
                                         n=s.n, include_greedy=s.include_greedy, temperature=s.temperature, top_p=s.top_p,
                                         max_new_tokens=s.max_new_tokens, seed_of=seed_of, top_k=s.top_k, max_steps=s.max_tool_steps,
                                         batch_size=s.batch_size):  # fmt: skip
@@ -168,11 +168,11 @@ def run(ctx: StageContext) -> None:
                 advance(progress, job, len(batch), info=f"{new_tokens / (time.time() - started):.1f} tok/s")
             write_shard(scratch / f"shard-{i:05d}.parquet", rows, store_schema)
     if s.score_references and not (scratch / "references.parquet").exists():
-        refs = [e for e in examples if e.get("reference")]
+        refs = [e for e in read_examples(ctx.inputs["prepare"], reference_only=True).values() if e.get("reference")]  # the labelled pool too
         rows = []
         for b in range(0, len(refs), s.batch_size):
             batch = refs[b : b + s.batch_size]
-            convs = [task.teacher_messages(e, cfg.teacher.context) for e in batch]
+            convs = [task.teacher_messages(e, ctx.teacher.context) for e in batch]
             for e, g in zip(batch, teacher.score(convs, [e["reference"] for e in batch], max(s.top_k, 1))):
                 rows.append(record(e["id"], -1, teacher.id, g, greedy=False, temperature=1.0, top_p=1.0, seed=0))
         write_shard(scratch / "references.parquet", rows, store_schema)

@@ -22,6 +22,7 @@ import random
 from stillroom import atomic, contamination, dedup
 from stillroom.rundir import StageContext
 from stillroom.stages.prepare import read_examples, read_split
+from stillroom.textnorm import normalize
 
 EXAMPLES_IN_CARD = 5
 STEPS = ("sources", "after_exact_dedup", "after_near_dedup", "after_contamination", "train_after_resample", "dev")
@@ -69,7 +70,7 @@ def sources_of(examples: dict, selected: list[dict], pairs: list[dict], sources:
         wanted = {"self": "self" in kinds, "trace": "tool_trace" in kinds,
                   "teacher": "teacher" in sources and bool(kinds & {"sequence", "logit"})}[source]  # fmt: skip
         if wanted:
-            tag = {"self": "s", "trace": "tr", "teacher": "t"}[source]
+            tag = {"self": "s", "trace": "tr", "teacher": "t"}[source] + ("shaped" if s["origin"] == "shaped" else "")
             records.append({"id": f"{s['example_id']}#{tag}{s['candidate']}", **base(s), "source": source, "candidate": s["candidate"],
                             "text": trace_text(s["messages"]) if trace else s["text"], **({"messages": s["messages"]} if trace else {})})  # fmt: skip
     if "preference" in kinds:
@@ -85,6 +86,25 @@ def sources_of(examples: dict, selected: list[dict], pairs: list[dict], sources:
                                 "messages": e["reference_trace"]})  # fmt: skip
     records.sort(key=lambda r: (r["split"] != "train", r["id"]))  # train first: its records win ties
     return records
+
+
+def decontaminate(records: list[dict], examples: dict, evals: list[dict], c) -> tuple[list[dict], list]:
+    """Records that overlap an evaluation example (prompts against prompts, targets against
+    references): the records to keep under ``c.action`` and every hit. ``fail`` raises."""
+    hits = contamination.find([(r["id"], examples[r["example_id"]]["request"]) for r in records],
+                              [(e["id"], e["request"]) for e in evals], field="prompt", n=c.n, threshold=c.threshold)  # fmt: skip
+    targets = [(e["id"], e["request"], e.get("reference") or trace_text(e["reference_trace"])) for e in evals
+               if e.get("reference") or e.get("reference_trace")]  # fmt: skip
+    prompts_of = collections.defaultdict(set)
+    for _, request, text in targets:
+        prompts_of[normalize(text)].add(normalize(request))
+    specific = [(i, text) for i, _, text in targets if not c.boilerplate_min or len(prompts_of[normalize(text)]) < c.boilerplate_min]
+    hits += contamination.find([(r["id"], r["text"]) for r in records], specific, field="target", n=c.n, threshold=c.threshold)
+    flagged = {h.train_id for h in hits}
+    if flagged and c.action == "fail":
+        raise RuntimeError(f"{len(flagged)} training records overlap the eval split (first: {hits[0]}); "
+                           "fix the sources or set data.mixture.contamination.action: drop")  # fmt: skip
+    return ([r for r in records if r["id"] not in flagged] if c.action == "drop" else records), hits
 
 
 def cap_self(records: list[dict], max_share: float, rng: random.Random) -> tuple[list[dict], dict]:
@@ -125,23 +145,14 @@ def run(ctx: StageContext) -> None:
 
     # 3) contamination against every evaluation example
     c = m.contamination
-    hits = contamination.find([(r["id"], examples[r["example_id"]]["request"]) for r in records],
-                              [(e["id"], e["request"]) for e in evals], field="prompt", n=c.n, threshold=c.threshold)  # fmt: skip
-    hits += contamination.find([(r["id"], r["text"]) for r in records],
-                               [(e["id"], e.get("reference") or trace_text(e["reference_trace"])) for e in evals
-                                if e.get("reference") or e.get("reference_trace")],
-                               field="target", n=c.n, threshold=c.threshold)  # fmt: skip
+    kept, hits = decontaminate(records, examples, evals, c)
     flagged = {h.train_id for h in hits}
     card["contamination"] = {
         "action": c.action, "records_flagged": len(flagged),
         "by_field": dict(collections.Counter(h.field for h in hits)),
         "examples": [{"train": h.train_id, "eval": h.eval_id, "field": h.field, "containment": h.containment} for h in hits[:EXAMPLES_IN_CARD]],
     }  # fmt: skip
-    if flagged and c.action == "fail":
-        raise RuntimeError(f"{len(flagged)} training records overlap the eval split (first: {hits[0]}); "
-                           "fix the sources or set data.mixture.contamination.action: drop")  # fmt: skip
-    if c.action == "drop":
-        records = [r for r in records if r["id"] not in flagged]
+    records = kept
     card["steps"]["after_contamination"] = counts(records)
 
     # 4) the cap on self-made records, then the train split drawn to the layer weights; dev kept as is

@@ -7,6 +7,11 @@ task pins (those using held-out functions) always land in eval.
 puts in train are written to ``train_reference.jsonl``: they train by their clean reference alone, the
 teacher never sees them (no teacher time), and the dev and eval splits stay what ``n_examples`` made.
 The ones that land in dev or eval, or that the task pins to eval, are dropped and counted.
+
+With ``data.train_split_labelled: false`` the train split is an unlabelled pool: its examples are
+written without their references (``reference``, ``reference_trace``), so no later stage can train on
+them; only the teacher labels them. Their ``expected`` stays: the verifiers that stand for the
+product's checks read it, and nothing trains on it.
 """
 
 from __future__ import annotations
@@ -22,6 +27,16 @@ from stillroom.rundir import StageContext
 SPLITS = ("train", "dev", "eval")
 
 
+def split_for(example: dict, eval_fraction: float, dev_fraction: float) -> str:
+    """The example's split: pinned ``eval`` by the task, or by the hash of its id (``not_eval``:
+    never held out, so a hash that says eval puts it in train)."""
+    pinned = example.get("pinned_split")
+    if pinned == "eval":
+        return "eval"
+    split = split_of(example["id"], eval_fraction, dev_fraction)
+    return "train" if pinned == "not_eval" and split == "eval" else split
+
+
 def split_of(example_id: str, eval_fraction: float, dev_fraction: float) -> str:
     bucket = int.from_bytes(hashlib.sha256(example_id.encode()).digest()[:8], "big") / 2**64
     if bucket < eval_fraction:
@@ -34,6 +49,7 @@ def read_split(prepare_dir: Path, split: str) -> list[dict]:
 
 
 REFERENCE_ONLY = "train_reference"
+UNLABELLED_DROP = ("reference", "reference_trace")  # what an unlabelled pool's examples lack
 
 
 def read_examples(prepare_dir: Path, splits=("train", "dev"), reference_only: bool = False) -> dict[str, dict]:
@@ -54,7 +70,9 @@ def run(ctx: StageContext) -> None:
         raise RuntimeError(f"task {d.task!r} produced duplicate example ids")
     by_split = {s: [] for s in SPLITS}
     for e in examples:
-        by_split[e.get("pinned_split") or split_of(e["id"], d.eval_fraction, d.dev_fraction)].append(e)
+        by_split[split_for(e, d.eval_fraction, d.dev_fraction)].append(e)
+    if not d.train_split_labelled:
+        by_split["train"] = [{k: v for k, v in e.items() if k not in UNLABELLED_DROP} for e in by_split["train"]]
     for split, rows in by_split.items():
         atomic.write_jsonl(ctx.dir / f"{split}.jsonl", rows)
         ctx.counts[split] = len(rows)
@@ -64,7 +82,7 @@ def run(ctx: StageContext) -> None:
         seen = set(ids)
         grown = [e for e in task.build_examples(d.n_examples + d.reference_examples, d.layer_weights, ctx.cfg.run.seed,
                                                 d.held_out_functions) if e["id"] not in seen]  # fmt: skip
-        extra = [e for e in grown if not e.get("pinned_split") and split_of(e["id"], d.eval_fraction, d.dev_fraction) == "train"
+        extra = [e for e in grown if split_for(e, d.eval_fraction, d.dev_fraction) == "train"
                  and (e.get("reference") or e.get("reference_trace"))]  # fmt: skip
         atomic.write_jsonl(ctx.dir / f"{REFERENCE_ONLY}.jsonl", extra)
         ctx.counts[REFERENCE_ONLY] = len(extra)

@@ -43,7 +43,8 @@ def _millions(x) -> str:
 
 def blocks(cfg, results: dict, verdict: dict, card: dict, mix_card: dict, manifests: dict) -> list[tuple]:
     """The report as blocks: ("h1"|"h2"|"p", text), ("table", headers, rows), ("chart", name, png, alt), ("pre", text)."""
-    order = ["teacher", "student", *sorted(set(results["models"]) - {"teacher", "student"})]  # JSON files sort keys
+    first = ["teacher_shipped", "teacher", "student"]
+    order = [*first, *sorted(set(results["models"]) - set(first))]  # JSON files sort keys
     models = {name: results["models"][name] for name in order if name in results["models"]}
     t, s = models["teacher"], models["student"]
     d = results["deltas_student_vs_teacher"]
@@ -64,6 +65,7 @@ def blocks(cfg, results: dict, verdict: dict, card: dict, mix_card: dict, manife
         *([("p", f"The teacher's few-shot context is part of its latency: the same requests without it take "
                  f"{t['latency_p50_ms_without_context']} ms at p50 against {t['latency_p50_ms']} ms with it "
                  f"({t['mean_prompt_tokens']} prompt tokens on average with it).")] if t.get("latency_p50_ms_without_context") else []),
+        *_baselines(results, models),
         ("h2", "Gates"),
         ("table", ["gate", "value", "reference", "threshold", "result", "failing groups"],
          [[g["name"], *_worst(g), "pass" if g["passed"] else "FAIL", ", ".join(g["failed_groups"]) or "-"] for g in verdict["gates"]]),
@@ -71,6 +73,11 @@ def blocks(cfg, results: dict, verdict: dict, card: dict, mix_card: dict, manife
         *_group_table(t, s, d, "layer", names),
         ("h2", "Per slice"),
         *_group_table(t, s, d, "slice", names),
+        *([("h2", "Per tag"), ("p", "`unseen_function`: requests for functions held out of every training prompt (tools added "
+                                    "after training): what correction and pruning cost in generalization."),
+           ("table", ["tag", "n", *models], [[tag, t["per_tag"][tag]["task_success"]["n"],
+                                             *[_ci(m.get("per_tag", {}).get(tag, {}).get("task_success")) for m in models.values()]]
+                                            for tag in sorted(t.get("per_tag", {}))])] if t.get("per_tag") else []),  # fmt: skip
         *_multi_step(models),
         *_drift(results, models),
         *_previous(results, models),
@@ -102,6 +109,25 @@ def blocks(cfg, results: dict, verdict: dict, card: dict, mix_card: dict, manife
         ("pre", json.dumps(manifests["eval"]["versions"], indent=1)),
     ]
     return out
+
+
+def _baselines(results: dict, models: dict) -> list[tuple]:
+    """The paired comparisons that say whether distillation did anything: each against a baseline
+    measured in the same run on the same examples."""
+    pairs = [("deltas_student_vs_teacher", "distilled student - teacher"),
+             ("deltas_student_vs_pool_only", "distilled student - pool-only student (same init and recipe, labelled pool alone)"),
+             ("deltas_teacher_vs_shipped", "corrected teacher - teacher as shipped")]  # fmt: skip
+    rows = []
+    for key, label in pairs:
+        d = results.get(key)
+        if d:
+            rows.append([label, _delta(d["all"]["all"]["task_success"]), _delta(d["all"]["all"].get("format_validity")),
+                         *[_delta(d.get("tag", {}).get(tag, {}).get("task_success")) for tag in ("unseen_function",)]])  # fmt: skip
+    if len(rows) < 2:
+        return []
+    return [("h2", "Baselines (paired differences, points)"),
+            ("p", "Each row: the same held-out examples answered by both models; 95% paired bootstrap interval; ⚑ = excludes 0."),
+            ("table", ["comparison", "task success", "format validity", "task success, unseen functions"], rows)]
 
 
 def _multi_step(models: dict) -> list[tuple]:
@@ -145,7 +171,7 @@ def _previous(results: dict, models: dict) -> list[tuple]:
 def _compression_and_cascade(results: dict, models: dict) -> list[tuple]:
     out = []
     for label in models:
-        if label.startswith("student_"):
+        if f"deltas_{label}_vs_student" in results:
             d, sp = results[f"deltas_{label}_vs_student"]["all"], results[f"speed_{label}_vs_student"]
             out += [("h2", f"Quantized student ({label})"),
                     ("p", f"Against the float student on the same examples: task success {_delta(d['task_success'])} points; "

@@ -102,6 +102,18 @@ def choose(cands: list[dict], policy: str, score: str) -> list[dict]:
     raise ValueError(f"unknown policy {policy!r}")
 
 
+SHAPED = -2  # candidate index of a shaped refusal: not a teacher sample, so it carries no top-k
+
+
+def shape_refusals(examples: dict, selected: list[dict], text: str) -> list[dict]:
+    """Refusal shaping: every prompt that must be declined and has no selected teacher answer (the
+    teacher went along, and the refusal verifier rejected it) gets the policy's refusal as target."""
+    have = {s["example_id"] for s in selected}
+    return [{"example_id": ex_id, "candidate": SHAPED, "split": ex["split"], "layer": ex["layer"], "slice": ex["slice"], "text": text,
+             "origin": "shaped"} for ex_id, ex in sorted(examples.items())
+            if ex.get("expected", {}).get("kind") == "refuse" and ex_id not in have]  # fmt: skip
+
+
 def run(ctx: StageContext) -> None:
     sel, signals = ctx.cfg.data.select, ctx.cfg.signals
     examples = read_examples(ctx.inputs["prepare"])
@@ -138,6 +150,8 @@ def run(ctx: StageContext) -> None:
         return out
 
     selected = picked(passing, "teacher")
+    shaped = shape_refusals(examples, selected, sel.refusal_shaping) if sel.refusal_shaping else []
+    selected += shaped
     self_pool, self_counts = select_own(ctx, examples, checks, signals.self.min_teacher_logprob)
     selected += picked(self_pool, "self")
     pairs = build_pairs(ctx, examples, by_example, signals.preference)
@@ -168,12 +182,13 @@ def run(ctx: StageContext) -> None:
         },
         "reason_examples": dict(sorted(reason_examples.items())),
         "self": {**self_counts, "selected": sum(s["origin"] == "self" for s in selected)},
+        "refusals_shaped": len(shaped),
         "pairs": {"total": len(pairs), "rank_by": signals.preference.rank_by,
                   "chosen_from_reference": sum(p["chosen_from"] == "reference" for p in pairs)},  # fmt: skip
     }
     atomic.write_json(ctx.dir / "card.json", card)
     ctx.counts.update(candidates=len(verdict_rows), passing=sum(r["passed"] for r in verdict_rows), selected=len(teacher_selected),
-                      self_selected=card["self"]["selected"], pairs=len(pairs))  # fmt: skip
+                      self_selected=card["self"]["selected"], pairs=len(pairs), refusals_shaped=len(shaped))  # fmt: skip
 
 
 def select_own(ctx: StageContext, examples: dict, checks, min_teacher_logprob: float | None) -> tuple[dict, dict]:

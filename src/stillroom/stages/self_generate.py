@@ -57,7 +57,7 @@ def run(ctx: StageContext) -> None:
     folder = versions.model_folder(s.self.model, s.self.registry)
     t0 = time.time()
     student = HFTeacher.load(folder, cfg.student.dtype)
-    teacher = registry().get("teacher", cfg.teacher.backend)(cfg.teacher)
+    teacher = registry().get("teacher", ctx.teacher.backend)(ctx.teacher)
     ctx.timings["load_models_s"] = round(time.time() - t0, 3)
     store_schema, generator_id = self_schema(student.vocab_size), f"self:{folder}"
     started, new_tokens = time.time(), 0
@@ -70,7 +70,7 @@ def run(ctx: StageContext) -> None:
                                         temperature=s.self.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
                                         seed_of=seed_of, top_k=1, max_steps=s.max_tool_steps, batch_size=s.batch_size):  # fmt: skip
                 single = [(e, ep) for e, ep, _ in batch if not ep.multi_turn]  # traces: their verifiers check every step instead
-                scores = teacher.score([task.teacher_messages(e, cfg.teacher.context) for e, _ in single],
+                scores = teacher.score([task.teacher_messages(e, ctx.teacher.context) for e, _ in single],
                                        [ep.turns[0].text for _, ep in single], 1) if single else []  # fmt: skip
                 by_id = {e["id"]: logprob_stats(g.token_logprobs)["mean_logprob"] for (e, _), g in zip(single, scores)}
                 for e, _, row in batch:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import math
 import random
 import shutil
@@ -290,19 +291,19 @@ def set_dropout(model, p: float) -> None:
             module.attention_dropout = p
 
 
-def student_texts(task, examples: dict, mixture: list[dict], tokenizer, n: int) -> list[str]:
+def student_texts(messages_of, examples: dict, mixture: list[dict], tokenizer, n: int) -> list[str]:
     """The first ``n`` training rows of the mixture as the student sees them: its prompt, then the target."""
     train = [r for r in mixture if r["split"] == "train"][:n]
-    return [generation.render(tokenizer, task.student_messages(examples[r["example_id"]])) + r["text"] for r in train]
+    return [generation.render(tokenizer, messages_of(examples[r["example_id"]])) + r["text"] for r in train]
 
 
-def build_student(cfg, sample_texts):
-    """1) The student: pruned from the teacher's layers (evenly spaced, or the most important on
-    ``sample_texts(tokenizer, n)``), or loaded from a folder."""
+def build_student(cfg, teacher_cfg, sample_texts):
+    """1) The student: pruned from the (corrected, where ``adapt`` ran) teacher's layers (evenly
+    spaced, or the most important on ``sample_texts(tokenizer, n)``), or loaded from a folder."""
     s = cfg.student
     if s.pruned_from == "teacher":
-        teacher, tokenizer = models.load(cfg.teacher.model, "float32")
-        origin = {"pruned_from": cfg.teacher.model, "prune_by": s.prune_by}
+        teacher, tokenizer = models.load(teacher_cfg.model, "float32")
+        origin = {"pruned_from": "adapt" if cfg.adapt.enabled else teacher_cfg.model, "prune_by": s.prune_by}
         keep = s.keep_layers
         if s.prune_by == "importance":
             scores = models.layer_importance(teacher, tokenizer, sample_texts(tokenizer, s.importance_samples))
@@ -313,6 +314,39 @@ def build_student(cfg, sample_texts):
         return student.to(models.DTYPES[s.dtype]), tokenizer, {**origin, "layers": layers}
     student, tokenizer = models.load(s.model, s.dtype)
     return student, tokenizer, {"from": s.model}
+
+
+def on_policy_prompts(mixture: list[dict], examples: dict) -> list[dict]:
+    """The single-turn train prompts of the mixture, once each: what the student answers on-policy."""
+    ids = sorted({r["example_id"] for r in mixture if r["split"] == "train" and not r.get("messages") and r["source"] != "pair"})
+    return [examples[i] for i in ids if examples[i]["expected"].get("kind") != "trace"]
+
+
+def on_policy_round(ctx: StageContext, model, tokenizer, scorer, task, prompts: list[dict], messages_of, rnd: int, max_length: int) -> list[dict]:
+    """One round's signal: the student samples an answer to each prompt (its own seeded stream per
+    prompt and round), the teacher scores every position of it teacher-forced, in its own prompt view;
+    the rows go to the store (``on_policy/round-N.parquet``, the generate schema) and come back as
+    training rows that carry the teacher's top-k on the student's tokens and no cross-entropy."""
+    from stillroom.stages.generate import derive_seed, record, schema, write_shard
+
+    op, s = ctx.cfg.signals.on_policy, ctx.cfg.signals
+    t_model, t_tok = scorer
+    model.eval()
+    store, rows = [], []
+    for b in range(0, len(prompts), s.batch_size):
+        batch = prompts[b : b + s.batch_size]
+        seeds = [derive_seed(ctx.cfg.run.seed, e["id"], "on_policy", rnd) for e in batch]
+        rendered = [generation.render(tokenizer, messages_of(e)) for e in batch]
+        own = generation.generate(model, tokenizer, rendered, max_new_tokens=s.max_new_tokens, sample=True,
+                                  temperature=op.temperature, top_p=1.0, seeds=seeds)  # fmt: skip
+        scored = generation.score(t_model, t_tok, [generation.render(t_tok, task.teacher_messages(e, ctx.teacher.context)) for e in batch],
+                                  [g.token_ids for g in own], top_k=max(s.top_k, 1))  # fmt: skip
+        for e, p, g, sc, seed in zip(batch, rendered, own, scored, seeds):
+            store.append(record(e["id"], rnd, "student", dataclasses.replace(sc, finished=g.finished), greedy=False,
+                                temperature=op.temperature, top_p=1.0, seed=seed))  # fmt: skip
+            rows.append(encode(tokenizer, p, g.token_ids, max_length, 0.0, (sc.topk_ids, sc.topk_logprobs)))
+    write_shard(ctx.dir / "on_policy" / f"round-{rnd}.parquet", store, schema(len(tokenizer)))
+    return rows
 
 
 def with_lora(model, lora):
@@ -348,24 +382,35 @@ def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
 
 
 def run(ctx: StageContext) -> None:
-    cfg, t = ctx.cfg, ctx.cfg.train
+    """The student on the whole mixture, behind its context-free prompt."""
+    task = registry().get("task", ctx.cfg.data.task)
+    mixture = atomic.read_jsonl(ctx.inputs["mix"] / "mixture.jsonl")
+    fit(ctx, ctx.cfg.train, mixture, lambda texts: build_student(ctx.cfg, ctx.teacher, texts), task.student_messages)
+
+
+def fit(ctx: StageContext, t, mixture: list[dict], build, messages_of) -> None:
+    """Train a model on ``mixture`` with the objective ``t`` (a TrainConfig) and save it to
+    ``ctx.dir/model``. ``build(sample_texts)`` makes the model, its tokenizer and a description of its
+    origin; ``messages_of(example)`` is the prompt the model answers behind."""
+    cfg = ctx.cfg
     world, rank, device = dist.world_size(), dist.rank(), dist.device()
     torch.manual_seed(cfg.run.seed)
     task = registry().get("task", cfg.data.task)
     examples = read_examples(ctx.inputs["prepare"], reference_only=True)
-    mixture = atomic.read_jsonl(ctx.inputs["mix"] / "mixture.jsonl")
 
     # 1) student
     t0 = time.time()
 
-    model, tokenizer, origin = build_student(cfg, lambda tokenizer, n: student_texts(task, examples, mixture, tokenizer, n))
+    model, tokenizer, origin = build(lambda tokenizer, n: student_texts(messages_of, examples, mixture, tokenizer, n))
     if t.lora is not None:
         model = with_lora(model, t.lora)
+    elif t.train_layers is not None:
+        models.train_only_top(model, t.train_layers)
     set_dropout(model, t.dropout)
     model.to(device)
     teacher = None
     if t.kd_weight > 0 and t.teacher_mode == "online":
-        teacher_model, _ = models.load(cfg.teacher.model, cfg.teacher.dtype)
+        teacher_model, _ = models.load(ctx.teacher.model, ctx.teacher.dtype)
         teacher_model.to(device).eval().requires_grad_(False)
         teacher = models.decoder_and_head(teacher_model)
     ctx.timings["build_student_s"] = round(time.time() - t0, 3)
@@ -387,7 +432,7 @@ def run(ctx: StageContext) -> None:
     for r in mixture:
         ex = examples[r["example_id"]]
         lw = per_layer.get(r["layer"], 1.0) if r["split"] == "train" else 1.0
-        weight, messages = source_weight[r["source"]] * lw, task.student_messages(ex)
+        weight, messages = source_weight[r["source"]] * lw, messages_of(ex)
         if r["source"] == "pair":
             row = encode_pair(tokenizer, generation.render(tokenizer, messages), r["chosen"], r["rejected"], t.max_length, weight)
         elif r.get("messages"):  # a multi-step trace: loss on the assistant's turns only
@@ -397,7 +442,7 @@ def run(ctx: StageContext) -> None:
         else:
             sig = signals.get((r["example_id"], r.get("candidate", -1))) if r["source"] in ("teacher", "reference") else None
             completion, topk = (sig["token_ids"], (sig["topk_ids"], sig["topk_logprobs"])) if sig else (r["text"], None)
-            teacher_prompt = generation.render(tokenizer, task.teacher_messages(ex, cfg.teacher.context)) if teacher else None
+            teacher_prompt = generation.render(tokenizer, task.teacher_messages(ex, ctx.teacher.context)) if teacher else None
             row = encode(tokenizer, generation.render(tokenizer, messages), completion, t.max_length, weight, topk, teacher_prompt, lw)
         rows[r["split"]].append(row)
     ctx.counts["records_by_source"] = dict(collections.Counter(f"{r['split']}/{r['source']}" for r in mixture))
@@ -425,7 +470,10 @@ def run(ctx: StageContext) -> None:
     wrapped = torch.nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
     group_size = t.batch_size * t.grad_accum * world  # rows per optimizer step, all processes together
     steps_per_epoch = math.ceil(len(epoch_order(len(rows["train"]), 0, 0, world)) / group_size)
-    total_steps = min(steps_per_epoch * t.epochs, t.max_steps or steps_per_epoch * t.epochs)
+    main_steps = min(steps_per_epoch * t.epochs, t.max_steps or steps_per_epoch * t.epochs)
+    on_policy = on_policy_prompts(mixture, examples) if t.on_policy_weight > 0 else []
+    op_steps = math.ceil(len(on_policy) / group_size) if on_policy else 0  # one pass over the prompts per round
+    total_steps = main_steps + cfg.signals.on_policy.rounds * op_steps  # the schedule spans the on-policy rounds too
     warmup = max(1, int(t.warmup_fraction * total_steps))
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay, no_decay = [p for n, p in trainable if p.ndim >= 2], [p for n, p in trainable if p.ndim < 2]
@@ -500,7 +548,7 @@ def run(ctx: StageContext) -> None:
                 advance(progress, job, 1, info=f"loss {step_loss:.3f} {tps:.0f} tok/s")
                 if t.eval_every and state["step"] % t.eval_every == 0:
                     evaluate_dev()
-                if state["stopped"] or state["step"] >= total_steps:  # early stop, or the step budget (train.max_steps)
+                if state["stopped"] or state["step"] >= main_steps:  # early stop, or the step budget (train.max_steps)
                     break
                 if state["step"] % t.checkpoint_every == 0:
                     checkpoint()
@@ -509,16 +557,53 @@ def run(ctx: StageContext) -> None:
             if not t.eval_every:
                 evaluate_dev()
             state.update(epoch=epoch + 1, group=0)
-            if state["stopped"] or state["step"] >= total_steps:
+            if state["stopped"] or state["step"] >= main_steps:
                 break
             checkpoint()
 
-    # 4) save: the best dev weights when asked, LoRA merged into a standard folder
+        # 4) on-policy rounds (signal `on_policy`; GKD, MiniLLM), from the best dev weights: the student samples
+        #    answers to the train prompts, the teacher scores every position of them teacher-forced (its top-k,
+        #    written to the signal store on_policy/round-N.parquet), and the student takes one pass over its own
+        #    samples minimizing train.on_policy_loss (no cross-entropy: the tokens are its own)
+        best = scratch / "best.safetensors"
+        restored = t.restore_best and state["best_dev"] is not None and best.exists() and not state.get("round")
+        if restored:
+            checkpoints.load_weights(best, model)
+        if on_policy:
+            if world > 1:
+                raise RuntimeError("on-policy rounds run in one process; train without torchrun, or drop signal `on_policy`")
+            op_objective = Objective(model, kd_weight=t.on_policy_weight, kd_loss=t.on_policy_loss, kd_temperature=t.kd_temperature,
+                                     kd_coef=t.kd_beta if t.on_policy_loss == "jsd" else t.kd_alpha, kd_tail=t.kd_tail, chunk=t.loss_chunk)  # fmt: skip
+            scorer = models.load(ctx.teacher.model, ctx.teacher.dtype)
+            for rnd in range(state.get("round", 0), cfg.signals.on_policy.rounds):
+                op_rows = on_policy_round(ctx, model, tokenizer, scorer, task, on_policy, messages_of, rnd, t.max_length)
+                model.train()
+                order = epoch_order(len(op_rows), cfg.run.seed, 1000 + rnd, 1)
+                for g in range(0, len(order), group_size):
+                    batches = [_to(collate([op_rows[j] for j in order[g : g + group_size][i : i + t.batch_size]], pad_id), device)
+                               for i in range(0, len(order[g : g + group_size]), t.batch_size)]  # fmt: skip
+                    n_tokens = sum(map(completion_tokens, batches))
+                    for pg in opt.param_groups:
+                        pg["lr"] = t.lr * lr_at(state["step"], total_steps, warmup, t.min_lr_ratio)
+                    step_loss = 0.0
+                    for b in batches:
+                        loss = op_objective(b, None, n_tokens)
+                        loss.backward()
+                        step_loss += loss.item()
+                    grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], t.grad_clip).item()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    state["step"] += 1
+                    state["tokens"] += sum(int(b["attention_mask"].sum()) for b in batches)
+                    state["log"].append({"step": state["step"], "round": rnd, "on_policy_loss": round(step_loss, 5),
+                                         "grad_norm": round(grad_norm, 4), "lr": opt.param_groups[0]["lr"]})  # fmt: skip
+                    advance(progress, job, 1, info=f"on-policy {step_loss:.3f}")
+                state["round"] = rnd + 1
+                checkpoint()
+            del scorer
+
+    # 5) save (the best dev weights when asked, then any on-policy rounds), LoRA merged into a standard folder
     elapsed = state["elapsed"] + time.time() - started
-    best = scratch / "best.safetensors"
-    restored = t.restore_best and state["best_dev"] is not None and best.exists()
-    if restored:
-        checkpoints.load_weights(best, model)
     model.eval()
     if dist.is_main():
         if t.lora is not None:
@@ -536,6 +621,7 @@ def run(ctx: StageContext) -> None:
         global_batch=group_size, final_train_loss=train_log[-1]["loss"] if train_log else None,
         best_dev_loss=state["best_dev"], best_step=state.get("best_step"), restored_best=restored,
         early_stopped=state["stopped"], tokens_per_s=round(state["tokens"] / max(elapsed, 1e-9), 1),
+        on_policy_rounds=state.get("round", 0), on_policy_prompts=len(on_policy),
         params=models.n_params(model), trainable_params=sum(p.numel() for _, p in trainable), **origin,
     )  # fmt: skip
 

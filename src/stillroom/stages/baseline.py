@@ -1,0 +1,29 @@
+"""Stage `baseline`: the pool-only student, what distillation has to beat.
+
+The same student as `train` (the same init: pruned from the same, corrected where `adapt` ran, teacher;
+the same recipe and epochs) trained on the labelled pool's clean references alone: no teacher
+sequences, no teacher probabilities, no teacher-labelled prompts. Evaluated beside the distilled
+student on the same held-out examples, with a paired interval for the difference. Off unless
+``baseline.pool_only``.
+"""
+
+from __future__ import annotations
+
+from stillroom import atomic
+from stillroom.plugins import registry
+from stillroom.rundir import StageContext
+from stillroom.stages.train import build_student, fit
+
+NO_TEACHER_SIGNAL = {"sft_weight": 0.0, "kd_weight": 0.0, "trace_weight": 0.0, "self_weight": 0.0, "pref_weight": 0.0, "on_policy_weight": 0.0}
+
+
+def run(ctx: StageContext) -> None:
+    cfg = ctx.cfg
+    if not cfg.baseline.pool_only:
+        atomic.write_json(ctx.dir / "baseline.json", {"pool_only": False})
+        ctx.counts["pool_only"] = False
+        return
+    task = registry().get("task", cfg.data.task)
+    mixture = [r for r in atomic.read_jsonl(ctx.inputs["mix"] / "mixture.jsonl") if r["source"] == "reference"]
+    fit(ctx, cfg.train.model_copy(update=NO_TEACHER_SIGNAL), mixture, lambda texts: build_student(cfg, ctx.teacher, texts),
+        task.student_messages)

@@ -1,0 +1,110 @@
+"""Teacher correction, the unlabelled pool, refusal shaping, the pool-only baseline and the calibrated
+confidence choice, through the real CLI on a tiny model built in the test run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from stillroom import atomic
+from stillroom.models import weights_hash
+
+
+def test_corrected_teacher_feeds_every_later_stage_and_baselines_are_measured(tmp_path, tiny_model_dir):
+    cfg = {
+        "run": {"name": "c", "dir": str(tmp_path / "runs"), "seed": 0},
+        "teacher": {"model": str(tiny_model_dir), "context": "none"},
+        "adapt": {"enabled": True, "epochs": 1, "batch_size": 4, "max_length": 256, "train_layers": 1},
+        "student": {"pruned_from": "teacher", "keep_layers": 2},
+        "data": {"n_examples": 40, "reference_examples": 40, "train_split_labelled": False, "held_out_functions": 2,
+                 "layer_weights": {"core": 0.3, "failure": 0.7},
+                 "select": {"verifiers": ["tool_call", "no_call", "refusal"], "refusal_shaping": "I can't help with that."},
+                 "mixture": {"sources": ["teacher", "reference"]}},
+        "signals": {"kind": ["sequence", "logit"], "n": 1, "max_new_tokens": 16, "batch_size": 4, "shard_size": 8, "top_k": 8,
+                    "score_references": True},
+        "train": {"epochs": 1, "batch_size": 4, "max_length": 256, "reference_weight": 1.0, "kd_weight": 0.5},
+        "baseline": {"pool_only": True},
+        "eval": {"max_examples": 8, "max_new_tokens": 8, "latency_requests": 1, "confidence": "auto", "fit_temperature": True,
+                 "gates": [{"metric": "task_success", "per": "tag", "min": 0.0}]},
+    }  # fmt: skip
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "stillroom.cli", "run", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "c"
+
+    # the unlabelled pool reaches no stage with its references; the labelled pool does
+    train = atomic.read_jsonl(run / "prepare" / "train.jsonl")
+    assert train and not any("reference" in e or "reference_trace" in e for e in train)
+    labelled = {e["id"] for e in atomic.read_jsonl(run / "prepare" / "train_reference.jsonl")}
+    mixture = atomic.read_jsonl(run / "mix" / "mixture.jsonl")
+    refs = [r for r in mixture if r["source"] == "reference" and r["split"] == "train"]
+    assert refs and all(r["example_id"] in labelled for r in refs)
+
+    # the corrected teacher: trained on the labelled pool, different weights, and the one every later stage uses
+    adapt = json.loads((run / "adapt" / "manifest.json").read_text())["counts"]
+    assert adapt["steps"] > 0 and adapt["trainable_params"] < adapt["params"]  # train_layers: 1 freezes the rest
+    corrected = run / "adapt" / "model"
+    assert weights_hash(str(corrected)) != weights_hash(str(tiny_model_dir))
+    assert json.loads((run / "train" / "manifest.json").read_text())["counts"]["pruned_from"] == "adapt"
+    teachers = {r["teacher"] for r in __import__("pyarrow.parquet", fromlist=["x"]).read_table(run / "generate" / "shards").to_pylist()}
+    assert teachers == {"model"}  # the folder name of adapt/model, not the shipped teacher's
+
+    # refusal shaping: every must-decline prompt without a passing teacher answer got the policy's refusal
+    select_card = json.loads((run / "select" / "card.json").read_text())
+    shaped = [r for r in atomic.read_jsonl(run / "select" / "selected.jsonl") if r["origin"] == "shaped"]
+    assert select_card["refusals_shaped"] == len(shaped) > 0
+    assert all(r["text"] == "I can't help with that." for r in shaped)
+
+    # baselines and comparisons in one results file
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert {"teacher_shipped", "teacher", "student", "pool_only"} <= set(results["models"])
+    n = results["models"]["student"]["metrics"]["task_success"]["n"]
+    assert all(m["metrics"]["task_success"]["n"] == n for m in results["models"].values())
+    for key in ("deltas_student_vs_pool_only", "deltas_teacher_vs_shipped", "deltas_student_vs_teacher"):
+        assert results[key]["all"]["all"]["task_success"]["n"] == n
+    choice = results["models"]["student"]["confidence_choice"]
+    assert choice["signal"] == min(choice["dev_ece"], key=choice["dev_ece"].get) and results["models"]["student"]["confidence"] == choice["signal"]
+    assert "temperature_fit" in results["models"]["student"]
+    report = (run / "report.md").read_text()
+    assert "## Baselines (paired differences, points)" in report and "| pool_only |" in report and "| teacher_shipped |" in report
+    pool = json.loads((run / "baseline" / "manifest.json").read_text())["counts"]
+    assert pool["records_by_source"] and set(k.split("/")[1] for k in pool["records_by_source"]) == {"reference"}
+
+
+def test_on_policy_rounds_score_the_students_own_samples(tmp_path, tiny_model_dir):
+    """Signal `on_policy`: each round the student samples answers to the train prompts, the teacher scores
+    every position of them (top-k into the store), and the student steps on a divergence to those."""
+    import pyarrow.parquet as pq
+
+    cfg = {
+        "run": {"name": "op", "dir": str(tmp_path / "runs"), "seed": 0},
+        "teacher": {"model": str(tiny_model_dir)},
+        "student": {"pruned_from": "teacher", "keep_layers": 2},
+        "data": {"n_examples": 24, "held_out_functions": 2, "layer_weights": {"core": 0.3, "failure": 0.7}},
+        "signals": {"kind": ["sequence", "on_policy"], "n": 1, "max_new_tokens": 10, "batch_size": 4, "shard_size": 8, "top_k": 4,
+                    "on_policy": {"rounds": 2, "temperature": 1.0}},
+        "train": {"epochs": 1, "batch_size": 4, "max_length": 256, "on_policy_weight": 1.0, "on_policy_loss": "jsd"},
+    }  # fmt: skip
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "stillroom.cli", "train", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "op"
+    counts = json.loads((run / "train" / "manifest.json").read_text())["counts"]
+    assert counts["on_policy_rounds"] == 2 and counts["on_policy_prompts"] > 0
+    rounds = [pq.read_table(run / "train" / "on_policy" / f"round-{r}.parquet").to_pylist() for r in range(2)]
+    for r, rows in enumerate(rounds):
+        assert len(rows) == counts["on_policy_prompts"] and {row["candidate"] for row in rows} == {r}
+        for row in rows:  # the teacher's top-k at each of the student's tokens and at the end-of-turn position
+            assert len(row["topk_ids"]) == len(row["token_ids"]) + 1 and all(len(k) == 4 for k in row["topk_ids"])
+    # each round samples anew from the student as it is then, with its own seeds
+    assert [row["seed"] for row in rounds[0]] != [row["seed"] for row in rounds[1]]
+    log = atomic.read_jsonl(run / "train" / "log.jsonl")
+    op_steps = [r for r in log if "on_policy_loss" in r]
+    assert {r["round"] for r in op_steps} == {0, 1} and all(r["on_policy_loss"] >= 0 for r in op_steps)
+    assert max(r["step"] for r in log if "loss" in r) < min(r["step"] for r in op_steps)  # after the main phase
