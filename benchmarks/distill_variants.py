@@ -6,8 +6,11 @@
 The default variants are one per teacher-signal kind, each learning from the clean references plus its
 own signal, all with the same step budget (``train.max_steps``):
 sequence (teacher sequences, SFT), logit (the teacher's top-k, KD), preference (DPO on ranked pairs),
-tool_trace (the teacher's multi-step traces) and self (the `sequence` variant's student generates,
-verifiers and the teacher filter, capped share; evaluated against that student as `previous`).
+tool_trace (the teacher's multi-step traces), self (the `sequence` variant's student generates,
+verifiers and the teacher filter, capped share; evaluated against that student as `previous`) and
+on_policy (the student trains on the references, then one round on its own samples of the train
+prompts scored by the teacher, reverse KL; that round's steps come on top of the budget and the
+table's step column counts them).
 
 The base run (default: the demo's ``runs/demo``) is brought up to date through ``mix`` once; each
 variant gets a copy of those data stages (so teacher signals are generated once and every variant
@@ -39,8 +42,9 @@ DEFAULT_VARIANTS = [
     f"self=signals.kind=[self],{ONLY},train.self_weight=1,data.mixture.sources=[reference],"
     "signals.self.model={run_dir}-sequence/train/model,"
     "eval.previous={run_dir}-sequence/train/model",
+    f"on_policy=signals.kind=[on_policy],{ONLY},train.on_policy_weight=1,data.mixture.sources=[reference]",
 ]
-DATA_STAGES = ("prepare", "generate", "select", "mix")
+DATA_STAGES = ("prepare", "adapt", "generate", "select", "mix")  # the corrected teacher too: every variant learns from the same one
 
 
 def main() -> None:

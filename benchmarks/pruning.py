@@ -1,6 +1,6 @@
 """How much of the teacher a depth-pruned student keeps before any training.
 
-    python benchmarks/pruning.py [--keep 10 15 20] [--examples 48]
+    python benchmarks/pruning.py [--keep 10 15 20] [--examples 48] [--teacher runs/demo/adapt/model]
 
 For each layer count, students pruned from the demo teacher in several ways (evenly spaced, by
 measured importance, the first layers plus the last), and the teacher itself with and without its
@@ -39,22 +39,23 @@ def main() -> None:
     ap.add_argument("--keep", type=int, nargs="+", default=[10, 15, 20], help="layer counts to compare")
     ap.add_argument("--examples", type=int, default=48, help="reference answers scored")
     ap.add_argument("--importance-samples", type=int, default=32, help="training texts the importance is measured on")
+    ap.add_argument("--teacher", default="default", help="the teacher to prune: `default` (as shipped) or a folder, e.g. the demo's corrected teacher runs/demo/adapt/model")
     args = ap.parse_args()
 
     from stillroom import generation, models
     from stillroom.examples.toolcall.task import ToolCallTask
-    from stillroom.stages.prepare import split_of
+    from stillroom.stages.prepare import split_for
 
     torch.manual_seed(0)
     task = ToolCallTask()
     examples = [e for e in task.build_examples(400, {"core": 0.5, "failure": 0.25, "long_tail": 0.25}, 0, 6)
-                if not e.get("pinned_split") and split_of(e["id"], 0.2, 0.1) != "eval" and e.get("reference")]  # fmt: skip
+                if split_for(e, 0.2, 0.1) != "eval" and e.get("reference")]  # fmt: skip
     scored, sampled = examples[: args.examples], examples[args.examples : args.examples + args.importance_samples]
-    teacher, tokenizer = models.load("default", "float32")
+    teacher, tokenizer = models.load(args.teacher, "float32")
     n = teacher.config.num_hidden_layers
     t0 = time.time()
     out = {
-        "examples": len(scored), "teacher_layers": n,
+        "teacher": args.teacher, "examples": len(scored), "teacher_layers": n,
         "teacher_with_context": reference_ce(teacher, tokenizer, scored, lambda e: task.teacher_messages(e, "few_shot")),
         "teacher_without_context": reference_ce(teacher, tokenizer, scored, task.student_messages),
     }  # fmt: skip

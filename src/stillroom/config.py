@@ -486,10 +486,6 @@ class PipelineConfig(Section):
 
     @model_validator(mode="after")
     def _prunable(self) -> PipelineConfig:
-        if self.adapt.enabled and self.teacher.backend != "hf":
-            raise ValueError("adapt.enabled fine-tunes the teacher's weights: it needs a local teacher (teacher.backend: hf)")
-        if self.baseline.pool_only and "reference" not in self.data.mixture.sources:
-            raise ValueError("baseline.pool_only trains on the labelled pool's references: add `reference` to data.mixture.sources")
         if self.student.pruned_from == "teacher" and self.teacher.backend != "hf":
             raise ValueError("student.pruned_from: teacher needs a local teacher (teacher.backend: hf); "
                              "give student.model instead")  # fmt: skip
@@ -519,6 +515,10 @@ class PipelineConfig(Section):
             raise ValueError("signals.kind `on_policy` learns from the teacher's top-k on the student's samples: signals.top_k > 0")
         if self.signals.score_references and self.teacher.backend != "hf":
             raise ValueError("signals.score_references needs a local teacher (teacher.backend: hf)")
+        if self.adapt.enabled and self.teacher.backend != "hf":
+            raise ValueError("adapt.enabled fine-tunes the teacher's weights: it needs a local teacher (teacher.backend: hf)")
+        if self.baseline.pool_only and "reference" not in self.data.mixture.sources:
+            raise ValueError("baseline.pool_only trains on the labelled pool's references: add `reference` to data.mixture.sources")
         return self
 
 

@@ -94,6 +94,10 @@ def blocks(cfg, results: dict, verdict: dict, card: dict, mix_card: dict, manife
         *_compression_and_cascade(results, models),
         ("h2", "Calibration"),
         ("p", f"Confidence: {s['confidence'].replace('_', ' ')}; {cfg.eval.calibration_bins} equal-width bins."
+              + (f" Chosen by rule (`eval.confidence: auto`): the lowest ECE on the student's {s['confidence_choice']['dev_examples']} "
+                 f"dev answers, before any held-out figure is read; dev ECE "
+                 + ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in s["confidence_choice"]["dev_ece"].items()) + "."
+                 if s.get("confidence_choice") else "")
               + (f" Temperature fitted on {s['temperature_fit']['dev_examples']} dev examples: T = {s['temperature_fit']['temperature']}, "
                  f"student ECE {s['ece']:.3f} -> {s['temperature_fit']['ece']:.3f}, Brier {s['brier']:.3f} -> {s['temperature_fit']['brier']:.3f}."
                  if s.get("temperature_fit") else "")),  # fmt: skip
