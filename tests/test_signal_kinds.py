@@ -115,9 +115,13 @@ def test_reference_only_examples_train_by_their_reference_and_never_reach_the_te
     assert all(split_for(e, 0.2, 0.1) == "train" and e.get("pinned_split") != "eval" and (e["reference"] or e["reference_trace"]) for e in extra)
     counts = json.loads((prep / "manifest.json").read_text())["counts"]
     assert counts["train_reference"] == len(extra) and counts["train"] == len(split_ids["train"])
-    # the teacher's store, the self-generated one and the pairs cover the train and dev prompts only
+    # the teacher's samples, the self-generated ones and the pairs cover the train and dev prompts only; the
+    # labelled pool's clean references are scored teacher-forced (candidate -1) so KD reaches them, nothing sampled
     for stage in ("generate", "self_generate"):
-        assert {r["example_id"] for r in pq.read_table(mixed_run / stage / "shards").to_pylist()} <= split_ids["train"] | split_ids["dev"]
+        sampled = [r for f in sorted((mixed_run / stage / "shards").glob("shard-*.parquet")) for r in pq.read_table(f).to_pylist()]
+        assert sampled and {r["example_id"] for r in sampled} <= split_ids["train"] | split_ids["dev"]
+    scored = pq.read_table(mixed_run / "generate" / "shards" / "references.parquet").to_pylist()
+    assert {r["candidate"] for r in scored} == {-1} and {r["example_id"] for r in scored} & extra_ids
     assert not {json.loads(line)["example_id"] for line in (mixed_run / "select" / "pairs.jsonl").open()} & extra_ids
     mixture = [json.loads(line) for line in (mixed_run / "mix" / "mixture.jsonl").open()]
     theirs = [r for r in mixture if r["example_id"] in extra_ids]

@@ -422,6 +422,7 @@ class EvalConfig(Section):
     registry: str = "registry"  # registry folder for `previous: registry:ALIAS`
     shipped_teacher: bool = True  # with adapt.enabled: also measure the teacher as shipped (uncorrected)
     shipped_teacher_context: Literal["few_shot", "none"] = "few_shot"  # ... prompted with this context
+    shipped_teacher_examples: int | None = Field(None, ge=1)  # ... on the first N examples only (its long prompts are the costliest pass)
 
     @field_validator("previous")
     @classmethod

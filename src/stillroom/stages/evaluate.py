@@ -78,7 +78,8 @@ def latency_pass(label, endpoint, messages_of, examples, n, max_new_tokens) -> l
     return latencies
 
 
-def summarize(rows, latencies, new_tokens, batch_s, ecfg, names, price, seed, local, peak_mb) -> dict:
+def summarize(rows, latencies, new_tokens, batch_s, ecfg, names, price, seed, size, peak_mb) -> dict:
+    """``size``: (parameters, weight MB) of a local model, None for a remote one."""
     correct = [r["metrics"]["task_success"] for r in rows]
     conf = [routing.confidence(r, ecfg.confidence) for r in rows]
     p50 = percentile(latencies, 50)
@@ -99,8 +100,8 @@ def summarize(rows, latencies, new_tokens, batch_s, ecfg, names, price, seed, lo
         "tokens_per_s": round(new_tokens / batch_s, 2),
         "peak_memory_mb": peak_mb,
         "cost_per_1k_requests": round(p50 * 1000 / 3600 * price, 5),
-        "params": models.n_params(local) if local is not None else None,
-        "weight_mb": round(models.weight_bytes(local) / 2**20, 1) if local is not None else None,
+        "params": size[0] if size else None,
+        "weight_mb": size[1] if size else None,
         "failure_reasons": dict(collections.Counter(r["reason"] for r in rows if r["reason"] != "ok").most_common()),
     }
 
@@ -137,11 +138,12 @@ def run(ctx: StageContext) -> None:
     need_dev = ({"student"} if ecfg.fit_temperature or auto_confidence else set()) | ({"teacher", routed} if cfg.route.enabled else set())
     dev = read_split(ctx.inputs["prepare"], "dev") if need_dev else []
     for label, load, messages_of in candidates:
+        mine = examples[: ecfg.shipped_teacher_examples] if label == "teacher_shipped" else examples  # a baseline may be capped
         with PeakMemory() as mem:
             endpoint = load()
-            rows, new_tokens, batch_s = quality_pass(label, endpoint, messages_of, examples, ecfg.batch_size, ecfg.max_new_tokens,
+            rows, new_tokens, batch_s = quality_pass(label, endpoint, messages_of, mine, ecfg.batch_size, ecfg.max_new_tokens,
                                                      measures, ecfg.max_tool_steps)  # fmt: skip
-            latencies = latency_pass(label, endpoint, messages_of, examples, ecfg.latency_requests, ecfg.max_new_tokens)
+            latencies = latency_pass(label, endpoint, messages_of, mine, ecfg.latency_requests, ecfg.max_new_tokens)
             if label == "teacher" and teacher.context != "none" and ecfg.latency_requests:  # what the context costs
                 bare = latency_pass("teacher without context", endpoint, lambda e: task.teacher_messages(e, "none"),
                                     examples, ecfg.latency_requests, ecfg.max_new_tokens)  # fmt: skip
@@ -150,13 +152,14 @@ def run(ctx: StageContext) -> None:
                 dev_rows_of[label], _, _ = quality_pass(f"{label} dev", endpoint, messages_of, dev, ecfg.batch_size,
                                                         ecfg.max_new_tokens, measures, ecfg.max_tool_steps)  # fmt: skip
         local = getattr(endpoint, "model", None)
-        measured[label] = (rows, latencies, new_tokens, batch_s, local, mem.mb if local is not None else None)
+        size = (models.n_params(local), round(models.weight_bytes(local) / 2**20, 1)) if local is not None else None
+        measured[label] = (rows, latencies, new_tokens, batch_s, size, mem.mb if local is not None else None)
         rows_of[label] = rows
         del endpoint, local
     chosen = choose_confidence(dev_rows_of["student"], ecfg) if auto_confidence else None
     ecfg_used = ecfg.model_copy(update={"confidence": chosen["signal"]}) if chosen else ecfg
-    for label, (rows, latencies, new_tokens, batch_s, local, peak) in measured.items():
-        results[label] = summarize(rows, latencies, new_tokens, batch_s, ecfg_used, ecfg.metrics, price, seed, local, peak)
+    for label, (rows, latencies, new_tokens, batch_s, size, peak) in measured.items():
+        results[label] = summarize(rows, latencies, new_tokens, batch_s, ecfg_used, ecfg.metrics, price, seed, size, peak)
         if label == "teacher":
             results[label].update(extra)
     measured.clear()
