@@ -14,32 +14,9 @@ import pytest
 import uvicorn
 import yaml
 
+from finished_runs import make_run, seal
 from stillroom import registry
 from stillroom.registry import RegistryError
-
-
-def make_run(root: Path, name: str, seed: int, passed: bool, tokenizer_dir: Path, cascade: dict | None = None) -> Path:
-    """A finished run's files as the pipeline writes them: a student folder, config, verdict, results."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    run = root / name
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))  # fmt: skip
-    model.save_pretrained(run / "train" / "model")
-    tokenizer.save_pretrained(run / "train" / "model")
-    teacher = {"backend": "hf", "model": str(tokenizer_dir) if cascade else "default", "dtype": "float32"}
-    (run / "config.yaml").write_text(yaml.safe_dump({"run": {"name": name}, "teacher": teacher, "data": {"task": "toolcall"}}))
-    gates = [{"name": "task success >= 95% of the teacher's", "passed": passed, "rows": []}]
-    (run / "eval").mkdir(parents=True)
-    (run / "eval" / "verdict.json").write_text(json.dumps({"passed": passed, "gates": gates}))
-    (run / "eval" / "results.json").write_text(json.dumps({"models": {"student": {
-        "metrics": {"task_success": {"mean": 0.9 if passed else 0.2}}, "latency_p50_ms": 10.0, "latency_p95_ms": 20.0, "ece": 0.05,
-        "params": 1}}, **({"cascade": cascade} if cascade else {})}))  # fmt: skip
-    return run
 
 
 @pytest.fixture(scope="module")
@@ -255,9 +232,10 @@ def test_the_int8_recipe_and_its_smoothing_scales_travel_with_the_version(tmp_pa
     run = make_run(tmp_path, "int8", 4, True, tiny_model_dir)
     model, tokenizer = models.load(str(run / "train" / "model"))
     scales = models.smoothing_scales(model, tokenizer, ["Request: weather in Oslo"], alpha=0.5)
-    (run / "compress").mkdir()
+    (run / "compress").mkdir(exist_ok=True)
     save_file(scales, str(run / "compress" / "smoothing.safetensors"))
     (run / "compress" / "recipe.json").write_text(json.dumps({"method": "int8_dynamic", "smoothing": {"file": "smoothing.safetensors"}}))
+    seal(run)  # compress ran after train: its manifest, and eval's, name these outputs
     version = registry.register(tmp_path / "registry", run)
     assert version["serving"]["quantize"] == "int8_dynamic"
     kept = Path(version["serving"]["smoothing"])

@@ -161,11 +161,16 @@ def registry_promote(
 
 
 @registry_app.command("rollback")
-def registry_rollback(alias: str = AliasOpt, registry: Path = RegistryOpt) -> None:
-    """Move an alias back to the version it pointed to before its last promotion."""
+def registry_rollback(
+    alias: str = AliasOpt, registry: Path = RegistryOpt,
+    force: bool = typer.Option(False, "--force", help="Roll back onto a version whose gates failed (needs --reason)."),
+    reason: Optional[str] = typer.Option(None, "--reason", help="Why; recorded with who forced it."),
+) -> None:  # fmt: skip
+    """Move an alias back to the version it pointed to before its last promotion; refuses to land on a
+    version whose gates failed unless --force --reason."""
     from stillroom import registry as reg
 
-    v = _registry_call(reg.rollback, registry, alias)
+    v = _registry_call(reg.rollback, registry, alias, force, reason)
     err.print(f"{alias} -> [bold]{v['name']}[/bold] (rolled back)")
 
 

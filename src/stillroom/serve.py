@@ -88,7 +88,9 @@ def load_slot(version: dict, cascade: bool = True) -> Slot:
     was registered with a fitted cascade and ``cascade`` is on, the teacher with the task's context."""
     from stillroom import models
     from stillroom.plugins import registry
+    from stillroom.registry import verify
 
+    verify(version)  # the files are the ones hashed at register: a swapped weights file is refused, not served
     serving = version.get("serving") or {}
     model, tokenizer = models.load_quantized(version["model_path"], serving.get("quantize", "none"), smoothing=serving.get("smoothing"))
     slot = Slot(version["name"], model, tokenizer, time.time())

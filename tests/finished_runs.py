@@ -1,0 +1,63 @@
+"""A finished run's files as the pipeline writes them, without running it: a tiny student, the resolved
+config, eval results and the verdict the gates give on them, and a complete manifest for every stage up
+to eval. Registry and serving tests start from these."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from stillroom import atomic, gates
+from stillroom.config import PipelineConfig, stage_view
+from stillroom.rundir import StageContext, outputs_hash, write_manifest
+
+GATE = {"metric": "task_success", "min": 0.5, "name": "task success >= 0.5"}
+
+
+def make_run(root: Path, name: str, seed: int, passed: bool, tokenizer_dir: Path, cascade: dict | None = None) -> Path:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    run = root / name
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))  # fmt: skip
+    model.save_pretrained(run / "train" / "model")
+    tokenizer.save_pretrained(run / "train" / "model")
+    teacher = {"backend": "hf", "model": str(tokenizer_dir) if cascade else "default", "dtype": "float32"}
+    cfg = PipelineConfig.model_validate({"run": {"name": name, "dir": str(root)}, "teacher": teacher, "eval": {"gates": [GATE]}})
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    results = {"models": {"student": {
+        "metrics": {"task_success": {"mean": 0.9 if passed else 0.2}}, "latency_p50_ms": 10.0, "latency_p95_ms": 20.0, "ece": 0.05,
+        "params": 1}}, **({"cascade": cascade} if cascade else {})}  # fmt: skip
+    atomic.write_json(run / "eval" / "results.json", results)
+    atomic.write_json(run / "eval" / "verdict.json", gates.verdict(results, cfg.eval.gates, cfg.targets))
+    seal(run)
+    return run
+
+
+def seal(run: Path) -> None:
+    """Write each stage's manifest, as the pipeline does after the stage ran (a folder without outputs gets one file)."""
+    from stillroom.pipeline import _stages, upstream
+    from stillroom.run_check import read_config
+
+    cfg = read_config(run)
+    for st in upstream(_stages(), "eval"):
+        folder = run / st.name
+        if not folder.exists():
+            atomic.write_json(folder / "counts.json", {"stage": st.name})
+        inputs = {n: outputs_hash(run / n) for n in st.needs}
+        write_manifest(StageContext(st.name, folder, cfg, {}, key="made-by-tests"), stage_view(cfg, list(st.config)), inputs, time.time())
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
