@@ -1,11 +1,14 @@
 """A finished run's files as the pipeline writes them, without running it: a tiny student, the resolved
 config, eval results and the verdict the gates give on them, and a complete manifest for every stage up
-to eval. Registry and serving tests start from these."""
+to eval. Registry and serving tests start from these; ``running(app)`` serves an app over real HTTP on loopback."""
 
 from __future__ import annotations
 
 import json
+import socket
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -61,3 +64,36 @@ def files_of(folder: Path) -> dict[str, bytes]:
 
 def jsonl(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running(app):
+    """The app on a real uvicorn server on loopback; yields its base URL, stops it (and its watcher) after."""
+    import httpx
+    import uvicorn
+
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    try:
+        yield url
+    finally:
+        if hasattr(app.state, "stop"):
+            app.state.stop.set()
+        srv.should_exit = True
+        thread.join(timeout=10)

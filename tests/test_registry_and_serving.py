@@ -4,17 +4,14 @@ load test with a promotion and a rollback in the middle, and malformed requests.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
-import yaml
 
-from finished_runs import make_run, seal
+from finished_runs import make_run, running, seal
 from stillroom import registry
 from stillroom.registry import RegistryError
 
@@ -70,12 +67,6 @@ def test_registry_cli_refuses_a_failed_version_with_a_clear_message(tmp_path, ru
     assert "FORCED (demo)" in cli.invoke(app, ["registry", "history", "-r", reg]).output
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def server(tmp_path, runs):
     from stillroom.serve import create_app
@@ -84,23 +75,8 @@ def server(tmp_path, runs):
     for name in ("good1", "good2"):
         registry.register(reg, runs[name])
     registry.promote(reg, "v1")
-    app = create_app(reg, "production", poll_s=0.05)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    yield url, reg
-    app.state.stop.set()
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with running(create_app(reg, "production", poll_s=0.05)) as url:
+        yield url, reg
 
 
 def ask(client: httpx.Client, url: str, max_tokens: int = 8) -> httpx.Response:
@@ -190,9 +166,9 @@ def test_a_request_in_flight_during_a_swap_finishes_on_its_version(server):
         (b"{not json", 400, "not valid JSON"),
         (json.dumps({"model": "production", "messages": [{"role": "user", "content": "x" * 300_000}]}).encode(), 413, "over"),
         (json.dumps({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}).encode(), 404, "unknown model"),
-        (json.dumps({"model": "production", "max_tokens": -5, "messages": [{"role": "user", "content": "hi"}]}).encode(), 422, "max_tokens"),
-        (json.dumps({"model": "production", "messages": []}).encode(), 422, "messages"),
-        (json.dumps({"model": "production", "messages": [{"role": "robot", "content": "hi"}]}).encode(), 422, "role"),
+        (json.dumps({"model": "production", "max_tokens": -5, "messages": [{"role": "user", "content": "hi"}]}).encode(), 400, "max_tokens"),
+        (json.dumps({"model": "production", "messages": []}).encode(), 400, "messages"),
+        (json.dumps({"model": "production", "messages": [{"role": "robot", "content": "hi"}]}).encode(), 400, "role"),
     ],
 )
 def test_malformed_requests_get_a_4xx_with_a_message_and_the_server_keeps_serving(server, content, status, message):

@@ -39,12 +39,18 @@ def _run(config: Path, overrides, until: str, force: list[str], gate_exit: bool 
     import json
 
     from stillroom.pipeline import run_pipeline
+    from stillroom.registry import RegistryError
+    from stillroom.rundir import RunError
 
     cfg = _load(config, overrides)
     try:
         root = run_pipeline(cfg, until=until, force=set(force))
-    except ValueError as e:
-        err.print(f"[red]error[/red] {e}")
+    except (ValueError, RunError, RegistryError) as e:
+        err.print(f"[red]error[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    except OSError as e:  # a run folder that cannot be written: read-only, full disk, a file where a folder should be
+        err.print(f"[red]error[/red] cannot write the run: {e.strerror or e} ({e.filename}); make {cfg.run.dir} writable "
+                  f"(or choose another run.dir), then run again", highlight=False)  # fmt: skip
         raise typer.Exit(2) from None
     verdict = root / "eval" / "verdict.json"
     if until in ("eval", "report") and verdict.exists():
@@ -199,7 +205,7 @@ def serve(
     from stillroom import registry as reg
     from stillroom.serve import serve as run_server
 
-    _registry_call(reg.resolve, registry, alias)  # a clear error before anything loads
+    _registry_call(reg.verify, _registry_call(reg.resolve, registry, alias))  # a clear error before anything loads
     run_server(registry, alias, host, port, poll, cascade)
 
 

@@ -98,7 +98,7 @@ def _missing(root: Path) -> RegistryError:
 
 def _sqlite_error(root: Path, e: sqlite3.Error) -> RegistryError:
     if "locked" in str(e) or "busy" in str(e):
-        return RegistryError(f"the registry at {root} is busy: another command has held its write lock for over {LOCK_WAIT_S:.0f} s; try again")
+        return RegistryError(f"the registry at {root} is busy: another command has held its write lock for over {LOCK_WAIT_S:g} s; try again")
     return RegistryError(f"{db_path(root)} cannot be used ({e}); restore it from a backup. Nothing was changed.")
 
 
@@ -120,10 +120,10 @@ def connect(root: Path, create: bool = False):
         raise _sqlite_error(root, e) from None
     conn.row_factory = sqlite3.Row
     try:
+        if not _check_schema(conn, root) and not create:  # before anything is written to the file
+            raise _missing(root)
         conn.execute("PRAGMA journal_mode=WAL")  # readers see the last commit and never wait for a writer
         conn.execute("BEGIN IMMEDIATE")
-        if not _check_schema(conn, root) and not create:
-            raise _missing(root)
         for statement in SCHEMA.split(";"):
             if statement.strip():
                 conn.execute(statement)

@@ -21,6 +21,11 @@ from typing import Any, Callable
 from stillroom import atomic
 
 MANIFEST = "manifest.json"
+
+
+class RunError(Exception):
+    """A problem in a run the user can act on (the message says how); the CLI prints it without a traceback."""
+
 TRACKED_PACKAGES = ("stillroom", "torch", "transformers", "accelerate", "gguf", "safetensors", "pyarrow", "pydantic")
 
 

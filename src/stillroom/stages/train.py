@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from stillroom import atomic, checkpoints, generation, models
+from stillroom.rundir import RunError
 from stillroom import distributed as dist
 from stillroom.losses import dense_divergence, fused_linear_loss, preference_loss, sparse_divergence
 from stillroom.plugins import registry
@@ -440,7 +441,11 @@ def run(ctx: StageContext) -> None:
     dist.barrier()
     state = {"epoch": 0, "group": 0, "step": 0, "tokens": 0, "elapsed": 0.0, "log": [], "best_dev": None, "bad_evals": 0, "stopped": False}
     if (scratch / "state.safetensors").exists():
-        state = checkpoints.load(scratch / "state.safetensors", model, opt)
+        try:
+            state = checkpoints.load(scratch / "state.safetensors", model, opt)
+        except Exception as e:  # safetensors, JSON and torch each raise their own kind for a damaged file
+            raise RunError(f"cannot resume from {scratch / 'state.safetensors'} ({type(e).__name__}: {e}); the checkpoint is "
+                           f"truncated or damaged. Start the training over: `stillroom train CONFIG --force train`") from None  # fmt: skip
         ctx.counts["resumed_at_step"] = state["step"]
 
     def checkpoint():
@@ -488,6 +493,9 @@ def run(ctx: StageContext) -> None:
                         (loss * world).backward()  # DDP averages over processes
                     step_loss += loss.item()
                 step_loss = dist.all_sum(step_loss)[0]
+                if not math.isfinite(step_loss):  # nothing is written: train/model never holds diverged weights
+                    raise RunError(f"training diverged: the loss is {step_loss} at step {state['step'] + 1}; lower train.lr "
+                                   f"(now {t.lr}) or the signal weights, then run again")  # fmt: skip
                 grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], t.grad_clip).item()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
