@@ -8,16 +8,16 @@ import hashlib
 import json
 import shutil
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import httpx
 import pytest
 import yaml
+from finished_runs import make_run, running, seal
 from typer.testing import CliRunner
 
-from finished_runs import make_run, running, seal
 from stillroom import registry
 from stillroom.cli import app
 

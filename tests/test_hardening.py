@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from finished_runs import files_of, make_run, running
 from typer.testing import CliRunner
 
-from finished_runs import files_of, make_run, running
 from stillroom import registry
 from stillroom.cli import app
 from stillroom.registry import RegistryError
@@ -25,7 +25,7 @@ BAD_INPUT = 2
 
 
 def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stillroom.cli", *map(str, args)], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "stillroom.cli", *map(str, args)], capture_output=True, text=True, check=False)
 
 
 def invoke(*args):

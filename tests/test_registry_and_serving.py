@@ -10,8 +10,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from finished_runs import make_run, running, seal
+
 from stillroom import registry
 from stillroom.registry import RegistryError
 

@@ -546,8 +546,7 @@ def _count_nodes(root: Any, where: str) -> None:
         node = todo.pop()
         seen += 1
         if seen > MAX_CONFIG_NODES:
-            raise ConfigError([f"{where}: expands to over {MAX_CONFIG_NODES} values (YAML aliases repeated?); "
-                               f"write the config out plainly"])  # fmt: skip
+            raise ConfigError([f"{where}: expands to over {MAX_CONFIG_NODES} values (YAML aliases repeated?); write the config out plainly"])
         if isinstance(node, yaml.MappingNode):
             todo.extend(x for pair in node.value for x in pair)
         elif isinstance(node, yaml.SequenceNode):

@@ -13,7 +13,7 @@ import json
 import sys
 import time
 import traceback
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 Observe = Callable[[str, int, dict[str, str], float], None]  # (path, status, response headers, seconds)
 

@@ -49,7 +49,6 @@ class ChatRequest(BaseModel):
 
 def create_app(model, tokenizer, model_name: str) -> FastAPI:
     from stillroom import generation
-
     from stillroom.serve import context_problem
 
     app = FastAPI(title="stillroom teacher endpoint")

@@ -36,12 +36,11 @@ import torch
 import torch.nn.functional as F
 
 from stillroom import atomic, checkpoints, generation, models
-from stillroom.rundir import RunError
 from stillroom import distributed as dist
 from stillroom.losses import dense_divergence, fused_linear_loss, preference_loss, sparse_divergence
 from stillroom.plugins import registry
 from stillroom.progress import add, advance, bar
-from stillroom.rundir import StageContext
+from stillroom.rundir import RunError, StageContext
 from stillroom.stages.generate import read_candidates, read_references
 from stillroom.stages.prepare import read_examples
 
