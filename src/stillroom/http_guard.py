@@ -5,6 +5,8 @@
 - an error no handler caught becomes a JSON 500 with a message, not a plain-text one and a reset
   connection; its traceback goes to the server's log;
 - every response, whatever its status, is reported to ``observe`` (the server's /metrics).
+
+``no_stream`` is the request field both servers share: ``stream: true`` is refused with a message.
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ from collections.abc import Awaitable, Callable
 Observe = Callable[[str, int, dict[str, str], float], None]  # (path, status, response headers, seconds)
 
 
-def error_body(status: int, message: str, kind: str) -> bytes:
-    return json.dumps({"error": {"message": message, "type": kind, "code": status}}).encode()
+def no_stream(stream: bool) -> bool:
+    """A request's ``stream`` field: these servers answer whole responses only, and say so."""
+    if stream:
+        raise ValueError("streaming is not supported by this server; send stream: false (or leave it out)")
+    return stream
 
 
 async def _respond(send, status: int, message: str, kind: str) -> None:
-    body = error_body(status, message, kind)
+    body = json.dumps({"error": {"message": message, "type": kind, "code": status}}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -8,12 +8,12 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import FastAPI, HTTPException
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from stillroom.http_guard import Guard
+from stillroom.http_guard import Guard, no_stream
 
 MAX_TOP_LOGPROBS = 128
 MAX_BODY_BYTES = 4 << 20  # a long multi-step conversation fits; an upload past it is refused while it streams in
@@ -37,14 +37,7 @@ class ChatRequest(BaseModel):
     logprobs: bool = False
     top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)
     return_tokens_as_token_ids: bool = False
-    stream: bool = False
-
-    @field_validator("stream")
-    @classmethod
-    def _no_stream(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("streaming is not supported by this server; send stream: false (or leave it out)")
-        return v
+    stream: Annotated[bool, AfterValidator(no_stream)] = False
 
 
 def create_app(model, tokenizer, model_name: str) -> FastAPI:

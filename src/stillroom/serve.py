@@ -16,14 +16,14 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Annotated, Callable, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from stillroom.http_guard import Guard
+from stillroom.http_guard import Guard, no_stream
 
 MAX_BODY_BYTES = 256 * 1024
 MAX_NEW_TOKENS = 512
