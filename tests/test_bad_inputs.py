@@ -164,6 +164,18 @@ def _added_file(box: Box) -> list[str]:
     return ["registry", "promote", "v1", "-r", str(reg)]
 
 
+def _weights_as_bin(box: Box) -> list[str]:
+    run = box.run_copy("good1")
+    (run / "train" / "model" / "model.safetensors").rename(run / "train" / "model" / "pytorch_model.bin")
+    return ["registry", "register", str(run), "-r", str(box.root / "registry")]
+
+
+def _prepared(box: Box, name: str, data: bytes) -> list[str]:
+    """A run whose prepare stage finished, then one of its files overwritten."""
+    assert CliRunner().invoke(app, ["prepare", str(box.cfg)]).exit_code == 0
+    (box.root / "runs" / "a" / "prepare" / name).write_bytes(data)
+    return ["prepare", str(box.cfg)]
+
 def _reg(*names: str, promote: tuple[str, ...] = ()) -> Callable[[Box], str]:
     return lambda box: str(box.registry(*names, promote=promote))
 
@@ -237,7 +249,21 @@ CASES: list[tuple[str, Callable[[Box], list[str]], int, str, str | None]] = [
      BAD_CONFIG, "model/model.safetensors", "registry"),
     ("promote-truncated-weights", _truncated_version, BAD_CONFIG, "do not match the hashes recorded", "registry"),
     ("promote-added-file", _added_file, BAD_CONFIG, "pytorch_model.bin", "registry"),
+    ("register-weights-not-safetensors", _weights_as_bin, BAD_CONFIG, "model.safetensors is missing", None),
+    ("registry-is-a-file", lambda b: ["registry", "register", str(b.runs["good1"]), "-r", str(b.write("reg", "x"))], BAD_CONFIG,
+     "cannot use the registry", None),
+    # data: the task's settings, and a run's own data files edited or broken (detected, redone, nothing else touched)
+    ("data-task-unknown", lambda b: ["validate", str(b.cfg), "data.task=chess"], BAD_CONFIG, "data.task", None),
+    ("data-weights-zero", lambda b: ["validate", str(b.cfg), "data.layer_weights={core: 0, failure: 0}"], BAD_CONFIG, "positive sum", None),
+    ("data-layer-unknown", lambda b: ["validate", str(b.cfg), "data.layer_weights={core: 1, hard: 1}"], BAD_CONFIG, "unknown layer", None),
+    ("data-fractions", lambda b: ["validate", str(b.cfg), "data.eval_fraction=0.6", "data.dev_fraction=0.5"], BAD_CONFIG, "below 1", None),
+    ("data-too-few", lambda b: ["validate", str(b.cfg), "data.n_examples=3"], BAD_CONFIG, "data.n_examples", None),
+    ("data-split-edited", lambda b: _prepared(b, "train.jsonl", b'{"not": "an example"}\n'), 0, "prepare: done", "runs/a"),
+    ("data-manifest-garbage", lambda b: _prepared(b, "manifest.json", b"\x00\xff garbage"), 0, "prepare: done", "runs/a"),
+    ("data-manifest-a-list", lambda b: _prepared(b, "manifest.json", b"[1, 2]"), 0, "prepare: done", "runs/a"),
+    ("data-examples-truncated", lambda b: _prepared(b, "eval.jsonl", b'{"id": "x", "mess'), 0, "prepare: done", "runs/a"),
 ]
+
 
 
 @pytest.fixture(scope="module")

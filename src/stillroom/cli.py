@@ -122,7 +122,10 @@ def _registry_call(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except RegistryError as e:
-        err.print(f"[red]error[/red] {e}")
+        err.print(f"[red]error[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    except OSError as e:  # a registry folder that cannot be written (read-only, a file in its place, a full disk)
+        err.print(f"[red]error[/red] cannot use the registry: {e.strerror or e} ({e.filename})", highlight=False)
         raise typer.Exit(2) from None
 
 

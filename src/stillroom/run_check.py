@@ -82,7 +82,8 @@ def check_stages(run_dir: Path, cfg: PipelineConfig, until: str = "eval") -> Non
 
 def check(run_dir: Path) -> FinishedRun:
     run_dir = Path(run_dir)
-    for need in (run_dir / "config.yaml", run_dir / "train" / "model" / "config.json", run_dir / "eval" / "results.json"):
+    model = run_dir / "train" / "model"
+    for need in (run_dir / "config.yaml", model / "config.json", model / "model.safetensors", run_dir / "eval" / "results.json"):
         if not need.exists():
             raise RunCheckError(f"{run_dir} is not a finished run: {need} is missing (run its eval stage first: `stillroom eval CONFIG`)")
     cfg = read_config(run_dir)
