@@ -225,15 +225,17 @@ def register(root: Path, run_dir: Path, actor: str | None = None) -> dict:
         if smoothing:  # the quantization's smoothing scales travel with the weights
             shutil.copyfile(run_dir / "compress" / smoothing, staging / smoothing)
         files = _hash_folder(staging)
-        with connect(root) as conn:
-            n = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM versions").fetchone()[0]
-            name = f"v{n}"
-            folder = Path(root) / "versions" / name
-            if folder.exists():
-                raise RegistryError(f"{folder} exists but registry.sqlite has no {name} (a registration killed before its commit, or "
-                                    f"a database restored from an older copy): move that folder away, then register again")  # fmt: skip
-            os.replace(staging, folder)
-            try:
+        placed = None
+        try:
+            with connect(root) as conn:
+                n = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM versions").fetchone()[0]
+                name = f"v{n}"
+                folder = Path(root) / "versions" / name
+                if folder.exists():
+                    raise RegistryError(f"{folder} exists but registry.sqlite has no {name} (a registration killed before its commit, "
+                                        f"or a database restored from an older copy): move that folder away, then register again")  # fmt: skip
+                os.replace(staging, folder)
+                placed = folder
                 conn.execute(
                     "INSERT INTO versions (name, model_path, created_at, run_dir, teacher, config_hash, data_card_hash, weights_hash,"
                     " gates_passed, verdict, summary, serving, files) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -245,10 +247,12 @@ def register(root: Path, run_dir: Path, actor: str | None = None) -> dict:
                 )  # fmt: skip
                 vid = conn.execute("SELECT id FROM versions WHERE name = ?", (name,)).fetchone()[0]
                 _event(conn, "register", to_version=vid, actor=actor)
-                return _row(conn.execute("SELECT * FROM versions WHERE id = ?", (vid,)).fetchone())
-            except BaseException:
-                shutil.rmtree(folder, ignore_errors=True)  # the insert did not happen: neither does the folder
-                raise
+                version = _row(conn.execute("SELECT * FROM versions WHERE id = ?", (vid,)).fetchone())
+        except BaseException:
+            if placed is not None:  # the row was not committed: neither is the folder
+                shutil.rmtree(placed, ignore_errors=True)
+            raise
+        return version
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
