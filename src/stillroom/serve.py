@@ -47,20 +47,13 @@ class ChatRequest(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=1)  # one choice per request
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stream: bool = False
+    stream: Annotated[bool, AfterValidator(no_stream)] = False
 
     @field_validator("temperature")
     @classmethod
     def _not_vanishing(cls, v: float) -> float:
         if 0 < v < MIN_TEMPERATURE:
             raise ValueError(f"must be 0 (greedy) or between {MIN_TEMPERATURE} and 2")
-        return v
-
-    @field_validator("stream")
-    @classmethod
-    def _no_stream(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("streaming is not supported by this server; send stream: false (or leave it out)")
         return v
 
 
@@ -156,9 +149,10 @@ def answer(slot: Slot, messages: list[dict], max_tokens: int, temperature: float
     if conf >= slot.cascade["threshold"] and not malformed:
         return Answer(g.text, g.finished, g.prompt_tokens, len(g.token_ids), "student", conf)
     t_model, t_tokenizer, t_lock = slot.teacher
-    if context_problem(t_model, t_tokenizer, slot.to_teacher(messages), max_tokens):  # the teacher cannot take it: the student's answer stands
+    with_context = slot.to_teacher(messages)
+    if context_problem(t_model, t_tokenizer, with_context, max_tokens):  # the teacher cannot take it: the student's answer stands
         return Answer(g.text, g.finished, g.prompt_tokens, len(g.token_ids), "student", conf)
-    tg = run(t_model, t_tokenizer, t_lock, slot.to_teacher(messages), 0)
+    tg = run(t_model, t_tokenizer, t_lock, with_context, 0)
     return Answer(tg.text, tg.finished, tg.prompt_tokens, len(tg.token_ids), "teacher", conf)
 
 
