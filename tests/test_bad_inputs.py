@@ -217,6 +217,11 @@ CASES: list[tuple[str, Callable[[Box], list[str]], int, str, str | None]] = [
     ("epochs-zero", lambda b: ["validate", str(b.cfg), "train.epochs=0"], BAD_CONFIG, "train.epochs", None),
     ("seed-text", lambda b: ["validate", str(b.cfg), "run.seed=abc"], BAD_CONFIG, "run.seed", None),
     ("unknown-force-stage", lambda b: ["prepare", str(b.cfg), "--force", "trian"], BAD_CONFIG, "unknown stage", None),
+    ("python-tag", lambda b: ["validate", str(b.write("tag.yaml", "run: !!python/object/apply:os.system ['echo hi']\n"))], BAD_CONFIG,
+     "not valid YAML", None),
+    ("lr-overflows-to-inf", lambda b: ["validate", str(b.cfg), "train.lr=1.0e400"], BAD_CONFIG, "finite", None),
+    ("serve-poll-zero", lambda b: ["serve", "-r", str(b.root / "registry"), "--poll", "0"], BAD_CONFIG, "--poll", None),
+    ("serve-port-out-of-range", lambda b: ["serve", "-r", str(b.root / "registry"), "--port", "70000"], BAD_CONFIG, "--port", None),
     ("run-dir-is-a-file", lambda b: ["prepare", str(b.cfg), f"run.dir={b.write('afile', 'x')}"], BAD_CONFIG, "cannot write the run", None),
     # registry: integrity, confinement and messages (items 2-6, 9, 11)
     ("list-no-registry", lambda b: ["registry", "list", "-r", str(b.root / "typo")], BAD_CONFIG, "no registry at", None),

@@ -200,7 +200,8 @@ def registry_history(registry: Path = RegistryOpt) -> None:
 @app.command()
 def serve(
     registry: Path = RegistryOpt, alias: str = AliasOpt, host: str = typer.Option("127.0.0.1", help="Interface to bind."),
-    port: int = typer.Option(8000, help="Port."), poll: float = typer.Option(0.5, help="Seconds between alias checks (hot swap)."),
+    port: int = typer.Option(8000, min=0, max=65535, help="Port (0: any free one)."),
+    poll: float = typer.Option(0.5, min=0.01, max=3600, help="Seconds between alias checks (hot swap)."),
     cascade: bool = typer.Option(True, help="Serve the version's fitted cascade (student first, teacher when unsure) when it has one."),
 ) -> None:  # fmt: skip
     """OpenAI-compatible /v1/chat/completions for a registry alias (single model or cascade), with
