@@ -3,6 +3,8 @@
 One YAML file describes a run. ``load_config(path, overrides)`` reads it, applies dotted overrides
 (``train.epochs=2``), validates it with pydantic (``extra="forbid"``: a typo is an error), and raises
 ``ConfigError`` listing every problem as ``file:line: field.path: message``. No torch import here.
+Reading is bounded whatever the file holds: at most MAX_CONFIG_BYTES of UTF-8, at most MAX_CONFIG_NODES
+values once YAML aliases are expanded, numbers finite.
 """
 
 from __future__ import annotations
