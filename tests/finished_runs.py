@@ -1,6 +1,7 @@
 """A finished run's files as the pipeline writes them, without running it: a tiny student, the resolved
 config, eval results and the verdict the gates give on them, and a complete manifest for every stage up
-to eval. Registry and serving tests start from these; ``running(app)`` serves an app over real HTTP on loopback."""
+to eval. Registry and serving tests start from these; ``running(app)`` serves an app over real HTTP on loopback,
+``serving(registry, runs)`` a registry's production alias."""
 
 from __future__ import annotations
 
@@ -97,3 +98,17 @@ def running(app):
             app.state.stop.set()
         srv.should_exit = True
         thread.join(timeout=10)
+
+
+@contextmanager
+def serving(reg: Path, runs: list[Path]):
+    """A registry holding ``runs`` as v1, v2, ... with production on v1, served over real HTTP (the
+    watcher polls every 50 ms); yields the URL."""
+    from stillroom import registry
+    from stillroom.serve import create_app
+
+    for run in runs:
+        registry.register(reg, run)
+    registry.promote(reg, "v1")
+    with running(create_app(reg, "production", poll_s=0.05)) as url:
+        yield url

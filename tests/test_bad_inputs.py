@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from finished_runs import make_run, running, seal
+from finished_runs import make_run, seal, serving
 from typer.testing import CliRunner
 
 from stillroom import registry
@@ -366,12 +366,7 @@ HTTP_CASES: list[tuple[str, dict | bytes, int, str]] = [
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, finished):
-    from stillroom.serve import create_app
-
-    reg = tmp_path_factory.mktemp("served") / "registry"
-    registry.register(reg, finished["good1"])
-    registry.promote(reg, "v1")
-    with running(create_app(reg, "production", poll_s=0.05)) as url:
+    with serving(tmp_path_factory.mktemp("served") / "registry", [finished["good1"]]) as url:
         yield url
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from finished_runs import files_of, make_run, running
+from finished_runs import files_of, make_run, running, serving
 from typer.testing import CliRunner
 
 from stillroom import registry
@@ -113,10 +113,7 @@ def test_5_a_swapped_weights_file_is_never_served(tmp_path, finished):
     from stillroom.serve import create_app
 
     reg = tmp_path / "registry"
-    for name in ("good1", "good2"):
-        registry.register(reg, finished[name])
-    registry.promote(reg, "v1")
-    with running(create_app(reg, "production", poll_s=0.05)) as url:
+    with serving(reg, [finished["good1"], finished["good2"]]) as url:
         shutil.copyfile(reg / "versions" / "v1" / "model" / "model.safetensors", reg / "versions" / "v2" / "model" / "model.safetensors")
         refused = invoke("registry", "promote", "v2", "-r", reg)
         assert refused.exit_code == BAD_INPUT and "model/model.safetensors" in refused.said
@@ -149,12 +146,7 @@ def test_6_a_config_rewritten_by_an_earlier_stage_is_refused_at_register(tmp_pat
 
 @pytest.fixture
 def server(tmp_path, finished):
-    from stillroom.serve import create_app
-
-    reg = tmp_path / "registry"
-    registry.register(reg, finished["good1"])
-    registry.promote(reg, "v1")
-    with running(create_app(reg, "production", poll_s=0.05)) as url:
+    with serving(tmp_path / "registry", [finished["good1"]]) as url:
         yield url
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from finished_runs import make_run, running, seal
+from finished_runs import make_run, seal, serving
 
 from stillroom import registry
 from stillroom.registry import RegistryError
@@ -69,13 +69,8 @@ def test_registry_cli_refuses_a_failed_version_with_a_clear_message(tmp_path, ru
 
 @pytest.fixture
 def server(tmp_path, runs):
-    from stillroom.serve import create_app
-
     reg = tmp_path / "registry"
-    for name in ("good1", "good2"):
-        registry.register(reg, runs[name])
-    registry.promote(reg, "v1")
-    with running(create_app(reg, "production", poll_s=0.05)) as url:
+    with serving(reg, [runs["good1"], runs["good2"]]) as url:
         yield url, reg
 
 
