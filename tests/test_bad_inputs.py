@@ -164,6 +164,13 @@ def _added_file(box: Box) -> list[str]:
     return ["registry", "promote", "v1", "-r", str(reg)]
 
 
+def _linked_stage(box: Box) -> list[str]:
+    """runs/a/prepare links to the user's own folder: redoing prepare would empty it."""
+    (box.root / "runs" / "a").mkdir(parents=True)
+    (box.root / "runs" / "a" / "prepare").symlink_to(box.root / "prepare", target_is_directory=True)
+    return ["prepare", str(box.cfg)]
+
+
 def _weights_as_bin(box: Box) -> list[str]:
     run = box.run_copy("good1")
     (run / "train" / "model" / "model.safetensors").rename(run / "train" / "model" / "pytorch_model.bin")
@@ -222,6 +229,7 @@ CASES: list[tuple[str, Callable[[Box], list[str]], int, str, str | None]] = [
     ("lr-overflows-to-inf", lambda b: ["validate", str(b.cfg), "train.lr=1.0e400"], BAD_CONFIG, "finite", None),
     ("serve-poll-zero", lambda b: ["serve", "-r", str(b.root / "registry"), "--poll", "0"], BAD_CONFIG, "--poll", None),
     ("serve-port-out-of-range", lambda b: ["serve", "-r", str(b.root / "registry"), "--port", "70000"], BAD_CONFIG, "--port", None),
+    ("stage-folder-is-a-link", _linked_stage, BAD_CONFIG, "outside the run", "runs/a"),
     ("run-dir-is-a-file", lambda b: ["prepare", str(b.cfg), f"run.dir={b.write('afile', 'x')}"], BAD_CONFIG, "cannot write the run", None),
     # registry: integrity, confinement and messages (items 2-6, 9, 11)
     ("list-no-registry", lambda b: ["registry", "list", "-r", str(b.root / "typo")], BAD_CONFIG, "no registry at", None),
