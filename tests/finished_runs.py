@@ -5,6 +5,7 @@ to eval. Registry and serving tests start from these; ``running(app)`` serves an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import threading
@@ -57,6 +58,17 @@ def seal(run: Path) -> None:
             atomic.write_json(folder / "counts.json", {"stage": st.name})
         inputs = {n: outputs_hash(run / n) for n in st.needs}
         write_manifest(StageContext(st.name, folder, cfg, {}, key="made-by-tests"), stage_view(cfg, list(st.config)), inputs, time.time())
+
+
+def tree(root: Path, skip: Path | None = None) -> dict[str, str]:
+    """Every file and folder under ``root`` (but ``skip``), with its content hash: equal before and after
+    a command means it wrote and deleted nothing there."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if skip is not None and (p == skip or p.is_relative_to(skip)):
+            continue
+        out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+    return out
 
 
 def files_of(folder: Path) -> dict[str, bytes]:

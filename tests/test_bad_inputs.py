@@ -4,7 +4,6 @@ folder it names is written or deleted: the sandbox around it is hashed before an
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sqlite3
@@ -15,23 +14,13 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from finished_runs import make_run, seal, serving
+from finished_runs import make_run, seal, serving, tree
 from typer.testing import CliRunner
 
 from stillroom import registry
 from stillroom.cli import app
 
 BAD_CONFIG, GATES = 2, 3
-
-
-def tree(root: Path, skip: Path | None) -> dict[str, str]:
-    """Every file and folder under ``root`` (but ``skip``), with its content hash."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        if skip is not None and (p == skip or p.is_relative_to(skip)):
-            continue
-        out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-    return out
 
 
 @dataclass

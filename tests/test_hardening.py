@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from finished_runs import files_of, make_run, running, serving
+from finished_runs import files_of, make_run, running, serving, tree
 from typer.testing import CliRunner
 
 from stillroom import registry
@@ -234,7 +234,9 @@ def test_9_a_truncated_train_checkpoint_says_to_force_train(mixed):
     (state,) = (run / "train").glob(".checkpoint-*/state.safetensors")
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     (run / "train" / "manifest.json").unlink()  # what a kill leaves
+    around = tree(mixed.parent, skip=run)
     proc = cli("train", mixed)
+    assert tree(mixed.parent, skip=run) == around
     assert proc.returncode == BAD_INPUT and "Traceback" not in proc.stderr
     said = " ".join(proc.stderr.split())
     assert "the checkpoint is truncated or damaged" in said and "`stillroom train CONFIG --force train`" in said
@@ -244,8 +246,10 @@ def test_9_a_truncated_train_checkpoint_says_to_force_train(mixed):
 def test_9_an_unwritable_run_folder_is_a_message(mixed, tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the runs should go\n")
+    around = (tree(tmp_path), tree(mixed.parent))
     proc = cli("prepare", mixed, f"run.dir={blocker}")
     assert proc.returncode == BAD_INPUT and "cannot write the run" in proc.stderr and "Traceback" not in proc.stderr
+    assert (tree(tmp_path), tree(mixed.parent)) == around
 
 
 def test_10_non_finite_settings_are_refused_and_a_diverging_run_stops_with_a_message(mixed):
@@ -254,7 +258,9 @@ def test_10_non_finite_settings_are_refused_and_a_diverging_run_stops_with_a_mes
     weights = cli("validate", mixed, "data.layer_weights={core: .inf}")
     assert weights.returncode == BAD_INPUT and "data.layer_weights.core" in weights.stderr
     run = Path(yaml.safe_load(mixed.read_text())["run"]["dir"]) / "a"
+    around = tree(mixed.parent, skip=run)
     diverged = cli("train", mixed, "train.lr=1e30")
+    assert tree(mixed.parent, skip=run) == around
     assert diverged.returncode == BAD_INPUT and "Traceback" not in diverged.stderr
     assert "training diverged: the loss is" in " ".join(diverged.stderr.split())
     assert not (run / "train" / "manifest.json").exists()  # nothing a later stage would trust
