@@ -131,6 +131,21 @@ def test_run_skip_force_and_a_loadable_student(config, tmp_path):
     bad = cli("run", config, "--force", "nosuchstage", check=False)
     assert bad.returncode == 2 and "unknown stage" in bad.stderr
 
+    # the registry takes the real run: every stage consistent with config.yaml, the verdict recomputed (the planted gate fails)
+    reg = tmp_path / "registry"
+    registered = cli("registry", "register", run, "-r", reg)
+    assert "(gates FAILED)" in " ".join(registered.stderr.split()), registered.stderr
+    assert "v1" in cli("registry", "list", "-r", reg).stdout
+    from stillroom import registry
+
+    (version,) = registry.versions(reg)
+    assert version["verdict"] == verdict and version["serving"]["quantize"] == "int8_dynamic" and version["serving"]["smoothing"]
+    assert cli("registry", "promote", "v1", "-r", reg, check=False).returncode == 2
+    # a stage re-run with other settings after eval: config.yaml no longer describes the trained model
+    cli("prepare", config, "train.lr=0.5")
+    stale = cli("registry", "register", run, "-r", reg, check=False)
+    assert stale.returncode == 2 and "so every stage matches" in " ".join(stale.stderr.split()), stale.stderr
+
 
 def test_run_killed_during_generate_resumes_without_lost_or_duplicate_records(config, tmp_path):
     cli("generate", config)  # uninterrupted reference, run "a"

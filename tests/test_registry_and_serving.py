@@ -4,42 +4,16 @@ load test with a promotion and a rollback in the middle, and malformed requests.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
-import yaml
+from finished_runs import make_run, seal, serving
 
 from stillroom import registry
 from stillroom.registry import RegistryError
-
-
-def make_run(root: Path, name: str, seed: int, passed: bool, tokenizer_dir: Path, cascade: dict | None = None) -> Path:
-    """A finished run's files as the pipeline writes them: a student folder, config, verdict, results."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    run = root / name
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))  # fmt: skip
-    model.save_pretrained(run / "train" / "model")
-    tokenizer.save_pretrained(run / "train" / "model")
-    teacher = {"backend": "hf", "model": str(tokenizer_dir) if cascade else "default", "dtype": "float32"}
-    (run / "config.yaml").write_text(yaml.safe_dump({"run": {"name": name}, "teacher": teacher, "data": {"task": "toolcall"}}))
-    gates = [{"name": "task success >= 95% of the teacher's", "passed": passed, "rows": []}]
-    (run / "eval").mkdir(parents=True)
-    (run / "eval" / "verdict.json").write_text(json.dumps({"passed": passed, "gates": gates}))
-    (run / "eval" / "results.json").write_text(json.dumps({"models": {"student": {
-        "metrics": {"task_success": {"mean": 0.9 if passed else 0.2}}, "latency_p50_ms": 10.0, "latency_p95_ms": 20.0, "ece": 0.05,
-        "params": 1}}, **({"cascade": cascade} if cascade else {})}))  # fmt: skip
-    return run
 
 
 @pytest.fixture(scope="module")
@@ -93,37 +67,11 @@ def test_registry_cli_refuses_a_failed_version_with_a_clear_message(tmp_path, ru
     assert "FORCED (demo)" in cli.invoke(app, ["registry", "history", "-r", reg]).output
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def server(tmp_path, runs):
-    from stillroom.serve import create_app
-
     reg = tmp_path / "registry"
-    for name in ("good1", "good2"):
-        registry.register(reg, runs[name])
-    registry.promote(reg, "v1")
-    app = create_app(reg, "production", poll_s=0.05)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    yield url, reg
-    app.state.stop.set()
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serving(reg, [runs["good1"], runs["good2"]]) as url:
+        yield url, reg
 
 
 def ask(client: httpx.Client, url: str, max_tokens: int = 8) -> httpx.Response:
@@ -213,9 +161,9 @@ def test_a_request_in_flight_during_a_swap_finishes_on_its_version(server):
         (b"{not json", 400, "not valid JSON"),
         (json.dumps({"model": "production", "messages": [{"role": "user", "content": "x" * 300_000}]}).encode(), 413, "over"),
         (json.dumps({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}).encode(), 404, "unknown model"),
-        (json.dumps({"model": "production", "max_tokens": -5, "messages": [{"role": "user", "content": "hi"}]}).encode(), 422, "max_tokens"),
-        (json.dumps({"model": "production", "messages": []}).encode(), 422, "messages"),
-        (json.dumps({"model": "production", "messages": [{"role": "robot", "content": "hi"}]}).encode(), 422, "role"),
+        (json.dumps({"model": "production", "max_tokens": -5, "messages": [{"role": "user", "content": "hi"}]}).encode(), 400, "max_tokens"),
+        (json.dumps({"model": "production", "messages": []}).encode(), 400, "messages"),
+        (json.dumps({"model": "production", "messages": [{"role": "robot", "content": "hi"}]}).encode(), 400, "role"),
     ],
 )
 def test_malformed_requests_get_a_4xx_with_a_message_and_the_server_keeps_serving(server, content, status, message):
@@ -255,9 +203,10 @@ def test_the_int8_recipe_and_its_smoothing_scales_travel_with_the_version(tmp_pa
     run = make_run(tmp_path, "int8", 4, True, tiny_model_dir)
     model, tokenizer = models.load(str(run / "train" / "model"))
     scales = models.smoothing_scales(model, tokenizer, ["Request: weather in Oslo"], alpha=0.5)
-    (run / "compress").mkdir()
+    (run / "compress").mkdir(exist_ok=True)
     save_file(scales, str(run / "compress" / "smoothing.safetensors"))
     (run / "compress" / "recipe.json").write_text(json.dumps({"method": "int8_dynamic", "smoothing": {"file": "smoothing.safetensors"}}))
+    seal(run)  # compress ran after train: its manifest, and eval's, name these outputs
     version = registry.register(tmp_path / "registry", run)
     assert version["serving"]["quantize"] == "int8_dynamic"
     kept = Path(version["serving"]["smoothing"])

@@ -39,12 +39,18 @@ def _run(config: Path, overrides, until: str, force: list[str], gate_exit: bool 
     import json
 
     from stillroom.pipeline import run_pipeline
+    from stillroom.registry import RegistryError
+    from stillroom.rundir import RunError
 
     cfg = _load(config, overrides)
     try:
         root = run_pipeline(cfg, until=until, force=set(force))
-    except ValueError as e:
-        err.print(f"[red]error[/red] {e}")
+    except (ValueError, RunError, RegistryError) as e:
+        err.print(f"[red]error[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    except OSError as e:  # a run folder that cannot be written: read-only, full disk, a file where a folder should be
+        err.print(f"[red]error[/red] cannot write the run: {e.strerror or e} ({e.filename}); make {cfg.run.dir} writable "
+                  f"(or choose another run.dir), then run again", highlight=False)  # fmt: skip
         raise typer.Exit(2) from None
     verdict = root / "eval" / "verdict.json"
     if until in ("eval", "report") and verdict.exists():
@@ -118,7 +124,10 @@ def _registry_call(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except RegistryError as e:
-        err.print(f"[red]error[/red] {e}")
+        err.print(f"[red]error[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    except OSError as e:  # a registry folder that cannot be written (read-only, a file in its place, a full disk)
+        err.print(f"[red]error[/red] cannot use the registry: {e.strerror or e} ({e.filename})", highlight=False)
         raise typer.Exit(2) from None
 
 
@@ -163,11 +172,16 @@ def registry_promote(
 
 
 @registry_app.command("rollback")
-def registry_rollback(alias: str = AliasOpt, registry: Path = RegistryOpt) -> None:
-    """Move an alias back to the version it pointed to before its last promotion."""
+def registry_rollback(
+    alias: str = AliasOpt, registry: Path = RegistryOpt,
+    force: bool = typer.Option(False, "--force", help="Roll back onto a version whose gates failed (needs --reason)."),
+    reason: Optional[str] = typer.Option(None, "--reason", help="Why; recorded with who forced it."),
+) -> None:  # fmt: skip
+    """Move an alias back to the version it pointed to before its last promotion; refuses to land on a
+    version whose gates failed unless --force --reason."""
     from stillroom import registry as reg
 
-    v = _registry_call(reg.rollback, registry, alias)
+    v = _registry_call(reg.rollback, registry, alias, force, reason)
     err.print(f"{alias} -> [bold]{v['name']}[/bold] (rolled back)")
 
 
@@ -188,7 +202,8 @@ def registry_history(registry: Path = RegistryOpt) -> None:
 @app.command()
 def serve(
     registry: Path = RegistryOpt, alias: str = AliasOpt, host: str = typer.Option("127.0.0.1", help="Interface to bind."),
-    port: int = typer.Option(8000, help="Port."), poll: float = typer.Option(0.5, help="Seconds between alias checks (hot swap)."),
+    port: int = typer.Option(8000, min=0, max=65535, help="Port (0: any free one)."),
+    poll: float = typer.Option(0.5, min=0.01, max=3600, help="Seconds between alias checks (hot swap)."),
     cascade: bool = typer.Option(True, help="Serve the version's fitted cascade (student first, teacher when unsure) when it has one."),
 ) -> None:  # fmt: skip
     """OpenAI-compatible /v1/chat/completions for a registry alias (single model or cascade), with
@@ -196,7 +211,7 @@ def serve(
     from stillroom import registry as reg
     from stillroom.serve import serve as run_server
 
-    _registry_call(reg.resolve, registry, alias)  # a clear error before anything loads
+    _registry_call(reg.verify, _registry_call(reg.resolve, registry, alias))  # a clear error before anything loads
     run_server(registry, alias, host, port, poll, cascade)
 
 

@@ -3,11 +3,15 @@
 One YAML file describes a run. ``load_config(path, overrides)`` reads it, applies dotted overrides
 (``train.epochs=2``), validates it with pydantic (``extra="forbid"``: a typo is an error), and raises
 ``ConfigError`` listing every problem as ``file:line: field.path: message``. No torch import here.
+Reading is bounded whatever the file holds: at most MAX_CONFIG_BYTES of UTF-8, at most MAX_CONFIG_NODES
+values once YAML aliases are expanded, numbers finite.
 """
 
 from __future__ import annotations
 
 import difflib
+import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,14 +20,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # a typo is an error; so is .inf or .nan in a number
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a pipeline config is a few KiB; a bigger file is a mistake (or an attack)
+MAX_CONFIG_NODES = 100_000  # YAML nodes after expanding aliases (an alias bomb expands to billions)
 
 
 def _existing_path(value: str, info: ValidationInfo, what: str) -> str:
     """Resolve ``value`` against the config file's folder; it must exist. Returns it absolute."""
     base = Path((info.context or {}).get("base_dir", "."))
     path = (base / value).expanduser()
-    if not path.exists():
+    if not path.exists() and (info.context or {}).get("check_paths", True):
         raise ValueError(f"{what} {value!r} does not exist (looked at {path.resolve()})")
     return str(path.resolve())
 
@@ -44,9 +52,17 @@ def _model_spec(value: str | None) -> str | None:
 
 
 class RunConfig(Section):
-    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")  # folder name under `dir`
+    name: str = "run"  # folder name under `dir`: letters, digits, `_`, `-`, `.`; no separator, no leading dot (so never `..`)
     dir: str = "runs"  # parent folder of run directories, relative to the working directory
     seed: int = 0  # every random choice in the run derives from this
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", v):
+            raise ValueError("must be one folder name inside run.dir: 1-128 letters, digits, `_`, `-` or `.`, "
+                             "not starting with `.` (no `/`, no `..`)")  # fmt: skip
+        return v
 
 
 class Targets(Section):
@@ -533,17 +549,10 @@ class ConfigError(Exception):
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError([f"{path}: cannot read config: {e.strerror}"]) from None
-    try:
-        node = yaml.compose(text)
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError([f"{where}: not valid YAML: {getattr(e, 'problem', e)}"]) from None
+    text = _read_text(path)
+    node, raw = _parse_yaml(text, str(path))
+    if raw is None:
+        raise ConfigError([f"{path}: the file is empty; give at least one section, or `{{}}` to run on every default"])
     if not isinstance(raw, dict):
         raise ConfigError([f"{path}:1: the top level must be a mapping of sections"])
     problems = []
@@ -554,12 +563,63 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
             problems.append(f"override {item!r}: {e}")
     if problems:
         raise ConfigError(problems)
-    return validate(raw, source=path, node=node, overridden=[o.split("=", 1)[0] for o in overrides])
+    return validate(raw, source=path, node=node, overridden=[o.split("=", 1)[0].strip() for o in overrides])
 
 
-def validate(raw: dict, source: Path, node: Any = None, overridden: list[str] = ()) -> PipelineConfig:
+def _read_text(path: Path) -> str:
+    """The config file's text: at most MAX_CONFIG_BYTES, UTF-8."""
     try:
-        return PipelineConfig.model_validate(raw, context={"base_dir": source.parent})
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read config: {e.strerror}"]) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{path}: over {MAX_CONFIG_BYTES} bytes; a pipeline config is a few KiB (is this the right file?)"])
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError([f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); save the file as UTF-8"]) from None
+
+
+def _parse_yaml(text: str, where: str) -> tuple[Any, Any]:
+    """(node tree, plain data) of one YAML document, refusing documents whose aliases expand past
+    MAX_CONFIG_NODES nodes: loading stays bounded in time and memory whatever the text holds."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None:
+            _count_nodes(node, where)
+            return node, loader.construct_document(node)
+        return None, None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f"{where}:{mark.line + 1}" if mark else where
+        raise ConfigError([f"{at}: not valid YAML: {getattr(e, 'problem', None) or e}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{where}: nested too deeply to be a pipeline config"]) from None
+    finally:
+        loader.dispose()
+
+
+def _count_nodes(root: Any, where: str) -> None:
+    """Walk the node graph as construction would (an alias visits its anchor's nodes again); stop at the cap."""
+    seen, todo = 0, [root]
+    while todo:
+        node = todo.pop()
+        seen += 1
+        if seen > MAX_CONFIG_NODES:
+            raise ConfigError([f"{where}: expands to over {MAX_CONFIG_NODES} values (YAML aliases repeated?); write the config out plainly"])
+        if isinstance(node, yaml.MappingNode):
+            todo.extend(x for pair in node.value for x in pair)
+        elif isinstance(node, yaml.SequenceNode):
+            todo.extend(node.value)
+
+
+def validate(raw: dict, source: Path, node: Any = None, overridden: list[str] = (), check_paths: bool = True) -> PipelineConfig:
+    """``check_paths=False``: model folders need not exist (a finished run's config read back later)."""
+    try:
+        return PipelineConfig.model_validate(raw, context={"base_dir": source.parent, "check_paths": check_paths})
     except ValidationError as e:
         problems = []
         for err in e.errors():
@@ -577,11 +637,25 @@ def _allowed_fields(loc: tuple) -> list[str]:
     """Field names of the config section that ``loc`` (ending in the unknown key) points into."""
     model: type[BaseModel] = PipelineConfig
     for key in loc[:-1]:
+        if isinstance(key, int):  # an index into a list of sections (eval.gates[i])
+            continue
         field = model.model_fields.get(str(key))
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        section = _section_type(field.annotation) if field is not None else None
+        if section is None:
             return []
-        model = field.annotation
+        model = section
     return list(model.model_fields)
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    """The config section inside an annotation: ``Gate`` of ``list[Gate]``, ``LoraConfig`` of ``LoraConfig | None``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def _message(err: dict) -> str:
@@ -629,7 +703,13 @@ def apply_override(raw: dict, item: str) -> None:
         target = target.setdefault(key, {})
         if not isinstance(target, dict):
             raise ValueError(f"{key!r} is not a section")
-    target[keys[-1]] = yaml.safe_load(value) if value.strip() else None
+    if not value.strip():
+        target[keys[-1]] = None
+        return
+    try:
+        _, target[keys[-1]] = _parse_yaml(value, "value")  # bounded like a file
+    except ConfigError as e:
+        raise ValueError(str(e).split(": ", 1)[1]) from None
 
 
 def stage_view(cfg: PipelineConfig, sections: list[str]) -> dict:

@@ -8,12 +8,15 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import FastAPI, HTTPException
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from stillroom.http_guard import Guard, no_stream
 
 MAX_TOP_LOGPROBS = 128
+MAX_BODY_BYTES = 4 << 20  # a long multi-step conversation fits; an upload past it is refused while it streams in
 
 
 class Message(BaseModel):
@@ -23,23 +26,26 @@ class Message(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (stream options, ...)
-    model: str
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # clients send fields we do not use (stream options, ...)
+    model: str = Field(max_length=256)
     messages: list[Message] = Field(min_length=1, max_length=256)
     max_tokens: int = Field(64, ge=1, le=4096)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
     n: int = Field(1, ge=1, le=1)
     logprobs: bool = False
     top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)
     return_tokens_as_token_ids: bool = False
+    stream: Annotated[bool, AfterValidator(no_stream)] = False
 
 
 def create_app(model, tokenizer, model_name: str) -> FastAPI:
     from stillroom import generation
+    from stillroom.serve import context_problem
 
     app = FastAPI(title="stillroom teacher endpoint")
+    app.add_middleware(Guard, max_body=MAX_BODY_BYTES, observe=lambda *_: None)  # body cap and JSON 500s
     lock = threading.Lock()  # one model, one forward at a time
 
     def token_name(token_id: int, as_ids: bool) -> str:
@@ -53,7 +59,11 @@ def create_app(model, tokenizer, model_name: str) -> FastAPI:
     def chat(req: ChatRequest) -> dict:
         if req.model != model_name:
             raise HTTPException(404, f"unknown model {req.model!r}; this server serves {model_name!r}")
-        prompt = generation.render(tokenizer, [m.model_dump() for m in req.messages])
+        messages = [m.model_dump() for m in req.messages]
+        too_long = context_problem(model, tokenizer, messages, req.max_tokens)
+        if too_long:
+            raise HTTPException(400, too_long)
+        prompt = generation.render(tokenizer, messages)
         sample = req.temperature > 0
         k = req.top_logprobs if req.logprobs else 0
         with lock:

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from stillroom import atomic, distributed
 from stillroom.config import PipelineConfig, stage_view
-from stillroom.rundir import MANIFEST, Stage, StageContext, is_fresh, outputs_hash, stage_key, write_manifest
+from stillroom.rundir import MANIFEST, RunError, Stage, StageContext, is_fresh, outputs_hash, stage_key, write_manifest
 
 console = Console(stderr=True)
 
@@ -131,6 +131,7 @@ def run_pipeline(cfg: PipelineConfig, until: str = "report", force: set[str] = f
                                f"process before training under torchrun")  # fmt: skip
         if main:
             console.rule(f"[bold]{st.name}[/bold]: {st.help}")
+            _inside(root, stage_dir)
             _reset(stage_dir, keep_scratch=st.name not in force)
         distributed.barrier()
         ctx = StageContext(name=st.name, dir=stage_dir, cfg=cfg, inputs=inputs, key=key, teacher=effective_teacher(cfg, root))
@@ -141,6 +142,13 @@ def run_pipeline(cfg: PipelineConfig, until: str = "report", force: set[str] = f
             console.print(f"{st.name}: done in {time.time() - started:.1f}s {ctx.counts}")
         distributed.barrier()
     return root
+
+
+def _inside(root: Path, stage_dir: Path) -> None:
+    """A stage folder is a real folder of the run: a link to elsewhere would have its target's files deleted."""
+    if stage_dir.is_symlink() or (stage_dir.exists() and stage_dir.resolve().parent != root.resolve()):
+        raise RunError(f"{stage_dir} is a link to {stage_dir.resolve()}, outside the run; a stage only writes inside "
+                       f"{root}: remove the link, then run again")  # fmt: skip
 
 
 def _reset(stage_dir: Path, keep_scratch: bool) -> None:

@@ -5,23 +5,26 @@ in one SQLite file next to the versions' model folders.
       registry.sqlite          versions, aliases, events
       versions/v1/model/       a copy of the run's train/model (the run folder can go away)
 
-``register`` reads a finished run: its student, teacher, config hash, data-card hash and eval verdict.
-``promote`` moves an alias to a version and refuses one whose gates failed unless forced, recording who
-forced it and why. ``rollback`` moves the alias back to the version it pointed to before its last move.
-Every change is an event; nothing is deleted.
+``register`` reads a finished run (checked by ``run_check``: stages consistent with its config, verdict
+recomputed from its results): its student, teacher, config hash, data-card hash, verdict, and the hash of
+every file it copies. ``promote`` moves an alias to a version and refuses one whose gates failed unless
+forced, recording who forced it and why. ``rollback`` moves the alias back to the version it pointed to
+before its last move, under the same rule. A version's files are re-hashed before it is promoted, rolled
+back to or loaded. Every change is an event; nothing is deleted. Reads use read-only snapshots (WAL), so
+they never wait for a writer; a writer holds the lock only for a rename and a few rows.
 """
 
 from __future__ import annotations
 
 import getpass
 import json
+import os
 import shutil
 import sqlite3
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from stillroom import atomic
 from stillroom.rundir import sha256_file
 
 SCHEMA = """
@@ -38,7 +41,8 @@ CREATE TABLE IF NOT EXISTS versions (
     gates_passed INTEGER NOT NULL,
     verdict TEXT NOT NULL,
     summary TEXT NOT NULL,
-    serving TEXT NOT NULL DEFAULT '{}'
+    serving TEXT NOT NULL DEFAULT '{}',
+    files TEXT  -- JSON {path in the version folder: sha256}, written at register
 );
 CREATE TABLE IF NOT EXISTS aliases (
     alias TEXT PRIMARY KEY,
@@ -63,25 +67,104 @@ class RegistryError(Exception):
     pass
 
 
+LOCK_WAIT_S = 10.0  # a writer waits this long for another writer; readers never wait (WAL)
+
+
 def db_path(root: Path) -> Path:
     return Path(root) / "registry.sqlite"
 
 
+def _on_disk(root: Path) -> list[str]:
+    """Version folders present under ``versions/`` (staging folders of unfinished registrations excluded)."""
+    folder = Path(root) / "versions"
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
+
+
+def _check_schema(conn: sqlite3.Connection, root: Path) -> bool:
+    """True when the database holds the registry's tables; an emptied one beside version folders is an error."""
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "versions" in tables:
+        return True
+    kept = _on_disk(root)
+    if kept:
+        raise RegistryError(f"{db_path(root)} holds no registry but {Path(root) / 'versions'} holds {', '.join(kept)}: the database "
+                            f"was emptied or replaced. Restore it from a backup; nothing was changed.")  # fmt: skip
+    return False
+
+
+def _missing(root: Path) -> RegistryError:
+    return RegistryError(f"no registry at {root} (no registry.sqlite there); `stillroom registry register RUN -r {root}` creates one")
+
+
+def _sqlite_error(root: Path, e: sqlite3.Error) -> RegistryError:
+    if "locked" in str(e) or "busy" in str(e):
+        return RegistryError(f"the registry at {root} is busy: another command has held its write lock for over {LOCK_WAIT_S:g} s; try again")
+    return RegistryError(f"{db_path(root)} cannot be used ({e}); restore it from a backup. Nothing was changed.")
+
+
 @contextmanager
-def connect(root: Path):
-    """A connection in one transaction: committed on success, rolled back on error."""
-    Path(root).mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(db_path(root), timeout=30, isolation_level=None)
-    conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.executescript(SCHEMA)
+def connect(root: Path, create: bool = False):
+    """A write transaction (``BEGIN IMMEDIATE``): committed on success, rolled back on error. ``create``:
+    start a new registry when there is none (only ``register`` does)."""
+    root = Path(root)
+    if not db_path(root).exists():
+        if not create:
+            raise _missing(root)
+        if _on_disk(root):
+            raise RegistryError(f"{db_path(root)} is missing but {root / 'versions'} holds {', '.join(_on_disk(root))}: "
+                                f"restore the database from a backup; nothing was changed.")  # fmt: skip
+        root.mkdir(parents=True, exist_ok=True)
     try:
+        conn = sqlite3.connect(db_path(root), timeout=LOCK_WAIT_S, isolation_level=None)
+    except sqlite3.Error as e:
+        raise _sqlite_error(root, e) from None
+    conn.row_factory = sqlite3.Row
+    try:
+        if not _check_schema(conn, root) and not create:  # before anything is written to the file
+            raise _missing(root)
+        conn.execute("PRAGMA journal_mode=WAL")  # readers see the last commit and never wait for a writer
         conn.execute("BEGIN IMMEDIATE")
+        for statement in SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        if "files" not in {r[1] for r in conn.execute("PRAGMA table_info(versions)")}:  # registries made before file hashes
+            conn.execute("ALTER TABLE versions ADD COLUMN files TEXT")
+    except sqlite3.Error as e:
+        conn.close()
+        raise _sqlite_error(root, e) from None
+    except BaseException:
+        conn.close()
+        raise
+    try:
         yield conn
         conn.execute("COMMIT")
-    except BaseException:
+    except BaseException as e:
         conn.execute("ROLLBACK")
+        if isinstance(e, sqlite3.Error):
+            raise _sqlite_error(root, e) from None
         raise
+    finally:
+        conn.close()
+
+
+@contextmanager
+def read(root: Path):
+    """A read-only snapshot: never takes a lock a writer holds, never creates anything."""
+    root = Path(root)
+    if not db_path(root).exists():
+        raise _missing(root)
+    try:
+        conn = sqlite3.connect(db_path(root).resolve().as_uri() + "?mode=ro", uri=True, timeout=LOCK_WAIT_S, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        conn.execute("BEGIN")  # one snapshot for every query below
+        if not _check_schema(conn, root):
+            raise _missing(root)
+    except sqlite3.Error as e:
+        raise _sqlite_error(root, e) from None
+    try:
+        yield conn
+    except sqlite3.Error as e:
+        raise _sqlite_error(root, e) from None
     finally:
         conn.close()
 
@@ -91,53 +174,87 @@ def _event(conn, action: str, alias=None, from_version=None, to_version=None, fo
                  (time.time(), action, alias, from_version, to_version, actor or getpass.getuser(), int(forced), reason))  # fmt: skip
 
 
-def register(root: Path, run_dir: Path, actor: str | None = None) -> dict:
-    """Copy a finished run's student into the registry as a new version, with its lineage and verdict."""
-    run_dir = Path(run_dir)
-    model = run_dir / "train" / "model"
-    verdict_file = run_dir / "eval" / "verdict.json"
-    for need in (model / "config.json", verdict_file, run_dir / "config.yaml"):
-        if not need.exists():
-            raise RegistryError(f"{run_dir} is not a finished run: {need} is missing (run its eval stage first)")
-    import yaml
+def _hash_folder(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    verdict = json.loads(verdict_file.read_text())
-    everything = json.loads((run_dir / "eval" / "results.json").read_text())
-    results = everything["models"]["student"]
+
+def verify(version: dict) -> None:
+    """The version's files are the ones hashed at register: none changed, missing or added."""
+    folder = Path(version["model_path"]).parent
+    recorded = json.loads(version["files"]) if version.get("files") else None
+    if recorded is None:  # registered before file hashes: the weights hash is all there is
+        recorded = {"model/model.safetensors": version["weights_hash"]}
+        found = {k: sha256_file(folder / k) for k in recorded if (folder / k).is_file()}
+    else:
+        found = _hash_folder(folder) if folder.is_dir() else {}
+    changed = sorted(k for k in set(recorded) | set(found) if recorded.get(k) != found.get(k))
+    if changed:
+        raise RegistryError(f"version {version['name']}: {', '.join(changed[:5])} in {folder} do not match the hashes recorded at "
+                            f"register (changed, missing or added since); refusing to use it. Register the run again.")  # fmt: skip
+
+
+def register(root: Path, run_dir: Path, actor: str | None = None) -> dict:
+    """Copy a finished run's student into the registry as a new version, with its lineage and its
+    verdict recomputed from the run's results (``run_check``). The copy and its hashes are made before
+    the write lock is taken; under it only a rename and the insert happen."""
+    import uuid
+
+    from stillroom.run_check import RunCheckError, check
+
+    run_dir = Path(run_dir)
+    try:
+        run = check(run_dir)
+    except RunCheckError as e:
+        raise RegistryError(str(e)) from None
+    with connect(root, create=True):  # a new registry, or an intact one, before anything is copied
+        pass
+    results = run.results["models"]["student"]
     card = run_dir / "mix" / "card.json"
     summary = {k: results.get(k) for k in ("latency_p50_ms", "latency_p95_ms", "ece", "params")}
     summary["task_success"] = results["metrics"]["task_success"]["mean"]
-    recipe_file = run_dir / "compress" / "recipe.json"
-    recipe = json.loads(recipe_file.read_text()) if recipe_file.exists() else {"method": "none"}
     serving = {  # what `stillroom serve` needs besides the weights
-        "task": cfg.get("data", {}).get("task", "toolcall"),
-        "quantize": recipe["method"],
-        "teacher": cfg["teacher"],
-        "cascade": {k: everything["cascade"][k] for k in ("threshold", "signal", "verifier")} if "cascade" in everything else None,
+        "task": run.cfg.data.task,
+        "quantize": run.recipe["method"],
+        "teacher": run.cfg.teacher.model_dump(mode="json", include={"backend", "model", "dtype"}),
+        "cascade": {k: run.results["cascade"][k] for k in ("threshold", "signal", "verifier")} if "cascade" in run.results else None,
     }
-    with connect(root) as conn:
-        n = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM versions").fetchone()[0]
-        name = f"v{n}"
-        target = Path(root) / "versions" / name / "model"
-        with atomic.atomic_dir(target) as tmp:
-            shutil.copytree(model, tmp, dirs_exist_ok=True)
-        if recipe.get("smoothing"):  # the quantization's smoothing scales travel with the weights
-            smoothing = target.parent / recipe["smoothing"]["file"]
-            with atomic.atomic_path(smoothing) as tmp:
-                shutil.copyfile(run_dir / "compress" / recipe["smoothing"]["file"], tmp)
-            serving["smoothing"] = str(smoothing.resolve())
-        conn.execute(
-            "INSERT INTO versions (name, model_path, created_at, run_dir, teacher, config_hash, data_card_hash, weights_hash,"
-            " gates_passed, verdict, summary, serving) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-            (name, str(target.resolve()), time.time(), str(run_dir.resolve()),
-             f"{cfg['teacher']['backend']}:{cfg['teacher']['model']}", sha256_file(run_dir / "config.yaml"),
-             sha256_file(card) if card.exists() else None, sha256_file(target / "model.safetensors"),
-             int(verdict["passed"]), json.dumps(verdict), json.dumps(summary), json.dumps(serving)),
-        )  # fmt: skip
-        vid = conn.execute("SELECT id FROM versions WHERE name = ?", (name,)).fetchone()[0]
-        _event(conn, "register", to_version=vid, actor=actor)
-        return _row(conn.execute("SELECT * FROM versions WHERE id = ?", (vid,)).fetchone())
+    smoothing = (run.recipe.get("smoothing") or {}).get("file")
+    staging = Path(root) / "versions" / f".staging-{uuid.uuid4().hex}"
+    try:
+        shutil.copytree(run_dir / "train" / "model", staging / "model")
+        if smoothing:  # the quantization's smoothing scales travel with the weights
+            shutil.copyfile(run_dir / "compress" / smoothing, staging / smoothing)
+        files = _hash_folder(staging)
+        placed = None
+        try:
+            with connect(root) as conn:
+                n = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM versions").fetchone()[0]
+                name = f"v{n}"
+                folder = Path(root) / "versions" / name
+                if folder.exists():
+                    raise RegistryError(f"{folder} exists but registry.sqlite has no {name} (a registration killed before its commit, "
+                                        f"or a database restored from an older copy): move that folder away, then register again")  # fmt: skip
+                os.replace(staging, folder)
+                placed = folder
+                conn.execute(
+                    "INSERT INTO versions (name, model_path, created_at, run_dir, teacher, config_hash, data_card_hash, weights_hash,"
+                    " gates_passed, verdict, summary, serving, files) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (name, str((folder / "model").resolve()), time.time(), str(run_dir.resolve()),
+                     f"{run.cfg.teacher.backend}:{run.cfg.teacher.model}", sha256_file(run_dir / "config.yaml"),
+                     sha256_file(card) if card.exists() else None, files["model/model.safetensors"],
+                     int(run.verdict["passed"]), json.dumps(run.verdict), json.dumps(summary),
+                     json.dumps(dict(serving, smoothing=str((folder / smoothing).resolve()) if smoothing else None)), json.dumps(files)),
+                )  # fmt: skip
+                vid = conn.execute("SELECT id FROM versions WHERE name = ?", (name,)).fetchone()[0]
+                _event(conn, "register", to_version=vid, actor=actor)
+                version = _row(conn.execute("SELECT * FROM versions WHERE id = ?", (vid,)).fetchone())
+        except BaseException:
+            if placed is not None:  # the row was not committed: neither is the folder
+                shutil.rmtree(placed, ignore_errors=True)
+            raise
+        return version
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _row(r: sqlite3.Row | None) -> dict | None:
@@ -157,42 +274,69 @@ def _version(conn, name: str) -> dict:
     return r
 
 
+def _forced_reason(force: bool, reason: str | None, what: str) -> str:
+    if not force:
+        raise RegistryError(f"{what}. To do it anyway: --force --reason '...'")
+    if reason is None or not reason.strip():
+        raise RegistryError(f"{what}; forcing it needs --reason (not blank): it is recorded with who forced it")
+    return reason.strip()
+
+
+def _failed(v: dict) -> str:
+    failed = [g["name"] for g in v["verdict"]["gates"] if not g["passed"]]
+    return f"{v['name']} failed {len(failed)} gate(s): {'; '.join(failed)}"
+
+
 def promote(root: Path, name: str, alias: str = "production", force: bool = False, reason: str | None = None,
             actor: str | None = None) -> dict:  # fmt: skip
-    """Point ``alias`` at version ``name``. A version whose gates failed needs ``force`` and a ``reason``."""
+    """Point ``alias`` at version ``name``, whose files must still match their hashes. A version whose
+    gates failed needs ``force`` and a non-blank ``reason``; the event records both."""
+    with read(root) as conn:
+        v = _version(conn, name)
+    if not v["gates_passed"]:
+        reason = _forced_reason(force, reason, _failed(v))
+    verify(v)  # hashing happens outside the write lock
     with connect(root) as conn:
         v = _version(conn, name)
-        if not v["gates_passed"]:
-            failed = [g["name"] for g in v["verdict"]["gates"] if not g["passed"]]
-            if not force:
-                raise RegistryError(f"{name} failed {len(failed)} gate(s): {'; '.join(failed)}. "
-                                    f"To promote it anyway: --force --reason '...'")  # fmt: skip
-            if not reason:
-                raise RegistryError("a forced promotion needs --reason: it is recorded with who forced it")
         current = conn.execute("SELECT version_id FROM aliases WHERE alias = ?", (alias,)).fetchone()
         conn.execute("INSERT INTO aliases (alias, version_id, updated_at) VALUES (?,?,?) "
                      "ON CONFLICT(alias) DO UPDATE SET version_id = excluded.version_id, updated_at = excluded.updated_at",
                      (alias, v["id"], time.time()))  # fmt: skip
-        _event(conn, "promote", alias, current[0] if current else None, v["id"], forced=not v["gates_passed"], reason=reason, actor=actor)
+        forced = not v["gates_passed"]
+        _event(conn, "promote", alias, current[0] if current else None, v["id"], forced=forced, reason=reason if forced else None, actor=actor)
         return v
 
 
-def rollback(root: Path, alias: str = "production", actor: str | None = None) -> dict:
-    """Move ``alias`` back to the version it pointed to before its last promotion. The alias's history is
-    a stack (a promotion pushes, a rollback pops), so repeated rollbacks walk back through it."""
+def _rollback_target(conn, alias: str) -> tuple[int, dict]:
+    """(current version id, the version before it). The alias's history is a stack: a promotion
+    pushes, a rollback pops, so repeated rollbacks walk back through it."""
+    stack = []
+    for e in conn.execute("SELECT action, to_version FROM events WHERE alias = ? ORDER BY id", (alias,)):
+        if e["action"] == "promote":
+            stack.append(e["to_version"])
+        elif e["action"] == "rollback" and stack:
+            stack.pop()
+    if len(stack) < 2:
+        raise RegistryError(f"{alias!r} has no earlier version to roll back to")
+    return stack[-1], _row(conn.execute("SELECT * FROM versions WHERE id = ?", (stack[-2],)).fetchone())
+
+
+def rollback(root: Path, alias: str = "production", force: bool = False, reason: str | None = None, actor: str | None = None) -> dict:
+    """Move ``alias`` back to the version it pointed to before its last promotion. Landing on a version
+    whose gates failed (one force-promoted earlier) is refused unless forced again, with a reason."""
+    with read(root) as conn:
+        _, previous = _rollback_target(conn, alias)
+    if not previous["gates_passed"]:
+        reason = _forced_reason(force, reason, f"rolling {alias!r} back lands on {_failed(previous)}")
+    verify(previous)
     with connect(root) as conn:
-        stack = []
-        for e in conn.execute("SELECT action, to_version FROM events WHERE alias = ? ORDER BY id", (alias,)):
-            if e["action"] == "promote":
-                stack.append(e["to_version"])
-            elif e["action"] == "rollback" and stack:
-                stack.pop()
-        if len(stack) < 2:
-            raise RegistryError(f"{alias!r} has no earlier version to roll back to")
-        current, previous = stack[-1], stack[-2]
-        conn.execute("UPDATE aliases SET version_id = ?, updated_at = ? WHERE alias = ?", (previous, time.time(), alias))
-        _event(conn, "rollback", alias, current, previous, actor=actor)
-        return _row(conn.execute("SELECT * FROM versions WHERE id = ?", (previous,)).fetchone())
+        current, target = _rollback_target(conn, alias)
+        if target["id"] != previous["id"]:
+            raise RegistryError(f"{alias!r} moved while rolling back; run the rollback again")
+        conn.execute("UPDATE aliases SET version_id = ?, updated_at = ? WHERE alias = ?", (target["id"], time.time(), alias))
+        forced = not target["gates_passed"]
+        _event(conn, "rollback", alias, current, target["id"], forced=forced, reason=reason if forced else None, actor=actor)
+        return target
 
 
 def model_folder(spec: str, root: str | Path) -> str:
@@ -200,18 +344,20 @@ def model_folder(spec: str, root: str | Path) -> str:
     folder of that version in the registry at ``root``."""
     if not spec.startswith("registry:"):
         return spec
-    return resolve(Path(root), spec.split(":", 1)[1])["model_path"]
+    version = resolve(Path(root), spec.split(":", 1)[1])
+    verify(version)
+    return version["model_path"]
 
 
 def resolve(root: Path, alias_or_name: str) -> dict:
     """The version an alias points to, or the version of that name."""
-    with connect(root) as conn:
+    with read(root) as conn:
         r = conn.execute("SELECT v.* FROM aliases a JOIN versions v ON v.id = a.version_id WHERE a.alias = ?", (alias_or_name,)).fetchone()
         return _row(r) if r is not None else _version(conn, alias_or_name)
 
 
 def versions(root: Path) -> list[dict]:
-    with connect(root) as conn:
+    with read(root) as conn:
         aliases = {}
         for a in conn.execute("SELECT alias, version_id FROM aliases"):
             aliases.setdefault(a["version_id"], []).append(a["alias"])
@@ -219,7 +365,7 @@ def versions(root: Path) -> list[dict]:
 
 
 def history(root: Path) -> list[dict]:
-    with connect(root) as conn:
+    with read(root) as conn:
         names = {r["id"]: r["name"] for r in conn.execute("SELECT id, name FROM versions")}
         return [dict(dict(e), from_version=names.get(e["from_version"]), to_version=names.get(e["to_version"]))
                 for e in conn.execute("SELECT * FROM events ORDER BY id")]  # fmt: skip

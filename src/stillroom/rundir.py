@@ -21,6 +21,11 @@ from typing import Any, Callable
 from stillroom import atomic
 
 MANIFEST = "manifest.json"
+
+
+class RunError(Exception):
+    """A problem in a run the user can act on (the message says how); the CLI prints it without a traceback."""
+
 TRACKED_PACKAGES = ("stillroom", "torch", "transformers", "accelerate", "gguf", "safetensors", "pyarrow", "pydantic")
 
 
@@ -66,9 +71,10 @@ def package_versions() -> dict[str, str]:
 
 def read_manifest(stage_dir: Path) -> dict | None:
     try:
-        return json.loads((stage_dir / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):
+        m = json.loads((stage_dir / MANIFEST).read_text())
+    except (OSError, ValueError):  # missing, not UTF-8, not JSON: not a manifest to trust
         return None
+    return m if isinstance(m, dict) else None
 
 
 def is_fresh(stage_dir: Path, key: str) -> bool:

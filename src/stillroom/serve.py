@@ -16,16 +16,20 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Annotated, Callable, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+from stillroom.http_guard import Guard, no_stream
 
 MAX_BODY_BYTES = 256 * 1024
 MAX_NEW_TOKENS = 512
+MIN_TEMPERATURE = 0.01  # above 0 (greedy), smaller temperatures overflow the softmax
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+PATHS = ("/v1/chat/completions", "/v1/models", "/health", "/metrics")  # /metrics labels; any other path counts as "other"
 
 
 class Message(BaseModel):
@@ -35,12 +39,22 @@ class Message(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # fields we do not use are ignored; the ones we use are checked
+    model: str = Field(max_length=256)
     messages: list[Message] = Field(min_length=1, max_length=64)
     max_tokens: int = Field(128, ge=1, le=MAX_NEW_TOKENS)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    seed: int | None = None
+    temperature: float = Field(0.0, ge=0.0, le=2.0)  # 0: greedy
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=1)  # one choice per request
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stream: Annotated[bool, AfterValidator(no_stream)] = False
+
+    @field_validator("temperature")
+    @classmethod
+    def _not_vanishing(cls, v: float) -> float:
+        if 0 < v < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or between {MIN_TEMPERATURE} and 2")
+        return v
 
 
 @dataclass
@@ -88,7 +102,9 @@ def load_slot(version: dict, cascade: bool = True) -> Slot:
     was registered with a fitted cascade and ``cascade`` is on, the teacher with the task's context."""
     from stillroom import models
     from stillroom.plugins import registry
+    from stillroom.registry import verify
 
+    verify(version)  # the files are the ones hashed at register: a swapped weights file is refused, not served
     serving = version.get("serving") or {}
     model, tokenizer = models.load_quantized(version["model_path"], serving.get("quantize", "none"), smoothing=serving.get("smoothing"))
     slot = Slot(version["name"], model, tokenizer, time.time())
@@ -98,9 +114,23 @@ def load_slot(version: dict, cascade: bool = True) -> Slot:
     return slot
 
 
-def answer(slot: Slot, messages: list[dict], max_tokens: int, temperature: float = 0.0, seed: int | None = None) -> Answer:
+def context_problem(model, tokenizer, messages: list[dict], max_tokens: int) -> str | None:
+    """Why ``messages`` plus ``max_tokens`` new tokens do not fit the model's context, or None when they do."""
+    from stillroom import generation
+
+    context = getattr(model.config, "max_position_embeddings", None)
+    prompt = len(tokenizer(generation.render(tokenizer, messages), add_special_tokens=False)["input_ids"])
+    if context is not None and prompt + max_tokens > context:
+        return (f"the prompt is {prompt} tokens; with max_tokens {max_tokens} that is over the model's context of {context} "
+                f"tokens: shorten the messages or lower max_tokens")  # fmt: skip
+    return None
+
+
+def answer(slot: Slot, messages: list[dict], max_tokens: int, temperature: float = 0.0, seed: int | None = None,
+           top_p: float = 1.0) -> Answer:  # fmt: skip
     """The serving path: the student answers; in a cascade the teacher answers instead when the
-    student's confidence is under the threshold or (verifier on) its output is not well formed."""
+    student's confidence is under the threshold or (verifier on) its output is not well formed, and
+    the teacher's prompt (with its context) fits the teacher's context."""
     from stillroom import generation, toolcalls
     from stillroom.routing import confidence, logprob_stats
 
@@ -108,7 +138,7 @@ def answer(slot: Slot, messages: list[dict], max_tokens: int, temperature: float
         sample = temperature > 0
         with lock:
             return generation.generate(model, tokenizer, [generation.render(tokenizer, msgs)], max_new_tokens=max_tokens,
-                                       sample=sample, temperature=temperature if sample else 1.0, top_k=top_k,
+                                       sample=sample, temperature=temperature if sample else 1.0, top_p=top_p, top_k=top_k,
                                        seeds=[seed if seed is not None else uuid.uuid4().int % 2**63])[0]  # fmt: skip
 
     g = run(slot.model, slot.tokenizer, slot.lock, messages, 1 if slot.cascade else 0)
@@ -119,7 +149,10 @@ def answer(slot: Slot, messages: list[dict], max_tokens: int, temperature: float
     if conf >= slot.cascade["threshold"] and not malformed:
         return Answer(g.text, g.finished, g.prompt_tokens, len(g.token_ids), "student", conf)
     t_model, t_tokenizer, t_lock = slot.teacher
-    tg = run(t_model, t_tokenizer, t_lock, slot.to_teacher(messages), 0)
+    with_context = slot.to_teacher(messages)
+    if context_problem(t_model, t_tokenizer, with_context, max_tokens):  # the teacher cannot take it: the student's answer stands
+        return Answer(g.text, g.finished, g.prompt_tokens, len(g.token_ids), "student", conf)
+    tg = run(t_model, t_tokenizer, t_lock, with_context, 0)
     return Answer(tg.text, tg.finished, tg.prompt_tokens, len(tg.token_ids), "teacher", conf)
 
 
@@ -128,13 +161,15 @@ class Metrics:
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.requests: dict[tuple[str, int], int] = {}
+        self.requests: dict[tuple[str, str, int], int] = {}
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum, self.latency_count, self.escalations = 0.0, 0, 0
 
-    def observe(self, version: str, status: int, seconds: float | None, escalated: bool = False) -> None:
+    def observe(self, path: str, version: str, status: int, seconds: float | None, escalated: bool = False) -> None:
+        """Every response (``path`` one of PATHS or "other"); ``seconds`` only for answered completions."""
         with self.lock:
-            self.requests[(version, status)] = self.requests.get((version, status), 0) + 1
+            key = (path, version, status)
+            self.requests[key] = self.requests.get(key, 0) + 1
             self.escalations += escalated
             if seconds is not None:
                 self.buckets[next((i for i, b in enumerate(LATENCY_BUCKETS) if seconds <= b), len(LATENCY_BUCKETS))] += 1
@@ -144,7 +179,7 @@ class Metrics:
     def render(self, current: str | None, swaps: int) -> str:
         with self.lock:
             lines = ["# TYPE stillroom_requests_total counter"]
-            lines += [f'stillroom_requests_total{{version="{v}",status="{s}"}} {n}' for (v, s), n in sorted(self.requests.items())]
+            lines += [f'stillroom_requests_total{{path="{p}",version="{v}",status="{s}"}} {n}' for (p, v, s), n in sorted(self.requests.items())]
             lines.append("# TYPE stillroom_request_seconds histogram")
             cumulative = 0
             for bound, n in zip([*map(str, LATENCY_BUCKETS), "+Inf"], self.buckets):
@@ -159,8 +194,8 @@ class Metrics:
             return "\n".join(lines) + "\n"
 
 
-def _error(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+def _error(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status, headers=headers)
 
 
 def create_app(registry_root: Path, alias: str = "production", poll_s: float = 0.5, cascade: bool = True) -> FastAPI:
@@ -189,27 +224,20 @@ def create_app(registry_root: Path, alias: str = "production", poll_s: float = 0
     watcher.start()
     app.state.stop = stop
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > MAX_BODY_BYTES):
-            metrics.observe("-", 413, None)
-            return _error(413, f"request body over {MAX_BODY_BYTES} bytes", "request_too_large")
-        if request.method == "POST" and size is None:
-            body = await request.body()
-            if len(body) > MAX_BODY_BYTES:
-                return _error(413, f"request body over {MAX_BODY_BYTES} bytes", "request_too_large")
-        return await call_next(request)
+    def observe(path: str, status: int, headers: dict[str, str], seconds: float) -> None:
+        answered = path == "/v1/chat/completions" and status == 200
+        metrics.observe(path if path in PATHS else "other", headers.get("x-stillroom-version", "-"), status, seconds if answered else None,
+                        escalated=headers.get("x-stillroom-served-by") == "teacher")  # fmt: skip
+
+    app.add_middleware(Guard, max_body=MAX_BODY_BYTES, observe=observe)  # body cap, JSON 500s, every response counted
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
-            metrics.observe("-", 400, None)
             return _error(400, "the body is not valid JSON", "invalid_json")
-        detail = "; ".join(f"{'.'.join(str(x) for x in e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors)
-        metrics.observe("-", 422, None)
-        return _error(422, detail, "invalid_request")
+        detail = "; ".join(f"{'.'.join(str(x) for x in e['loc'][1:]) or 'body'}: {e['msg'].removeprefix('Value error, ')}" for e in errors)
+        return _error(400, detail, "invalid_request")
 
     @app.get("/health")
     def health() -> dict:
@@ -228,20 +256,21 @@ def create_app(registry_root: Path, alias: str = "production", poll_s: float = 0
     @app.post("/v1/chat/completions")
     def chat(req: ChatRequest):
         slot = state["slot"]  # taken once: a swap during this request does not touch it
+        version = {"x-stillroom-version": slot.version}
         if req.model not in (alias, slot.version, "stillroom"):
-            metrics.observe(slot.version, 404, None)
-            return _error(404, f"unknown model {req.model!r}; this server serves {alias!r} (now {slot.version})", "model_not_found")
-        t0 = time.perf_counter()
-        a = answer(slot, [m.model_dump() for m in req.messages], req.max_tokens, req.temperature, req.seed)
-        seconds = time.perf_counter() - t0
-        metrics.observe(slot.version, 200, seconds, escalated=a.served_by == "teacher")
+            return _error(404, f"unknown model {req.model!r}; this server serves {alias!r} (now {slot.version})", "model_not_found", version)
+        messages = [m.model_dump() for m in req.messages]
+        too_long = context_problem(slot.model, slot.tokenizer, messages, req.max_tokens)
+        if too_long:
+            return _error(400, too_long, "context_length_exceeded", version)
+        a = answer(slot, messages, req.max_tokens, req.temperature, req.seed, req.top_p)
         body = {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()), "model": slot.version,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": a.text}, "finish_reason": "stop" if a.finished else "length"}],
             "usage": {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens, "total_tokens": a.prompt_tokens + a.completion_tokens},
             "stillroom": {"version": slot.version, "served_by": a.served_by, "confidence": a.confidence},
         }  # fmt: skip
-        return JSONResponse(body, headers={"x-stillroom-version": slot.version})
+        return JSONResponse(body, headers={**version, "x-stillroom-served-by": a.served_by})
 
     return app
 

@@ -41,7 +41,7 @@ from stillroom import distributed as dist
 from stillroom.losses import dense_divergence, fused_linear_loss, preference_loss, sparse_divergence
 from stillroom.plugins import registry
 from stillroom.progress import add, advance, bar
-from stillroom.rundir import StageContext
+from stillroom.rundir import RunError, StageContext
 from stillroom.stages.generate import read_candidates, read_references
 from stillroom.stages.prepare import read_examples
 
@@ -488,7 +488,11 @@ def fit(ctx: StageContext, t, mixture: list[dict], build, messages_of) -> None:
     dist.barrier()
     state = {"epoch": 0, "group": 0, "step": 0, "tokens": 0, "elapsed": 0.0, "log": [], "best_dev": None, "bad_evals": 0, "stopped": False}
     if (scratch / "state.safetensors").exists():
-        state = checkpoints.load(scratch / "state.safetensors", model, opt)
+        try:
+            state = checkpoints.load(scratch / "state.safetensors", model, opt)
+        except Exception as e:  # safetensors, JSON and torch each raise their own kind for a damaged file
+            raise RunError(f"cannot resume from {scratch / 'state.safetensors'} ({type(e).__name__}: {e}); the checkpoint is "
+                           f"truncated or damaged. Start the training over: `stillroom train CONFIG --force train`") from None  # fmt: skip
         ctx.counts["resumed_at_step"] = state["step"]
 
     def checkpoint():
@@ -536,6 +540,9 @@ def fit(ctx: StageContext, t, mixture: list[dict], build, messages_of) -> None:
                         (loss * world).backward()  # DDP averages over processes
                     step_loss += loss.item()
                 step_loss = dist.all_sum(step_loss)[0]
+                if not math.isfinite(step_loss):  # nothing is written: train/model never holds diverged weights
+                    raise RunError(f"training diverged: the loss is {step_loss} at step {state['step'] + 1}; lower train.lr "
+                                   f"(now {t.lr}) or the signal weights, then run again")  # fmt: skip
                 grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], t.grad_clip).item()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
