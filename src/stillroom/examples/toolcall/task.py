@@ -345,7 +345,7 @@ class ToolCallTask:
         if intended in held:  # generalization to tools added after training: reported as tag `unseen_function`
             example["pinned_split"] = "eval"
             example["tags"] = ["unseen_function"]
-        elif slice_ in ("no_tool", "unsafe"):  # the fixed request pools: a third only ever evaluated, the rest never
+        elif slice_ in ("no_tool", "unsafe"):  # the fixed request pools: half only ever evaluated, the rest never
             example["pinned_split"] = "eval" if unseen_request else "not_eval"
             example["tags"] = ["unseen_request"] if unseen_request else []
         return example
@@ -462,10 +462,10 @@ class ToolCallTask:
 
 
 def held_out_request(request: str) -> bool:
-    """A third of the fixed no-tool and unsafe request pools, by a stable hash of the text: those
+    """Half of the fixed no-tool and unsafe request pools, by a stable hash of the text: those
     requests appear only in held-out examples, the others never do (tag `unseen_request`). Without
     it every held-out refusal would be a request seen verbatim in training."""
-    return _stable_hash(request) % 3 == 0
+    return _stable_hash(request) % 2 == 0
 
 
 def check_trace(expected: dict, turns: list[dict]) -> Verdict:
