@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from stillroom import atomic
@@ -108,3 +109,28 @@ def test_on_policy_rounds_score_the_students_own_samples(tmp_path, tiny_model_di
     op_steps = [r for r in log if "on_policy_loss" in r]
     assert {r["round"] for r in op_steps} == {0, 1} and all(r["on_policy_loss"] >= 0 for r in op_steps)
     assert max(r["step"] for r in log if "loss" in r) < min(r["step"] for r in op_steps)  # after the main phase
+
+
+def test_a_registered_cascade_escalates_to_the_corrected_teacher(tmp_path):
+    """The served cascade's teacher is the one the run evaluated: the corrected weights in the run (with
+    the hash their stage recorded) behind the prompt they were corrected for, not the teacher as shipped."""
+    from stillroom.config import PipelineConfig
+    from stillroom.registry import served_teacher
+    from stillroom.rundir import sha256_file
+
+    run = tmp_path / "runs" / "c"
+    (run / "adapt" / "model").mkdir(parents=True)
+    (run / "adapt" / "model" / "model.safetensors").write_bytes(b"weights")
+    atomic.write_json(run / "adapt" / "manifest.json", {"status": "complete", "outputs": {"model/model.safetensors": sha256_file(run / "adapt" / "model" / "model.safetensors")}})
+    cfg = PipelineConfig.model_validate({"teacher": {"context": "none"}, "adapt": {"enabled": True}})
+    spec = served_teacher(run, cfg)
+    assert spec["model"] == str((run / "adapt" / "model").resolve()) and spec["context"] == "none"
+    assert spec["weights_sha256"] == sha256_file(run / "adapt" / "model" / "model.safetensors")
+    shipped = served_teacher(run, PipelineConfig.model_validate({}))
+    assert shipped["model"] == "default" and "weights_sha256" not in shipped and shipped["context"] == "few_shot"
+
+    from stillroom.serve import _teacher
+
+    (run / "adapt" / "model" / "model.safetensors").write_bytes(b"swapped")
+    with pytest.raises(ValueError, match="not the one the version was evaluated with"):
+        _teacher(spec)

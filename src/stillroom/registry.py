@@ -25,7 +25,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from stillroom.rundir import sha256_file
+from stillroom.rundir import read_manifest, sha256_file
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -193,6 +193,17 @@ def verify(version: dict) -> None:
                             f"register (changed, missing or added since); refusing to use it. Register the run again.")  # fmt: skip
 
 
+def served_teacher(run_dir: Path, cfg) -> dict:
+    """The teacher a registered cascade escalates to, as the run evaluated it: the corrected one
+    (``adapt/model``, with the hash its stage recorded, checked when the server loads it) where
+    ``adapt`` ran, prompted with ``teacher.context``."""
+    spec = {**cfg.teacher.model_dump(mode="json", include={"backend", "model", "dtype", "context"})}
+    if cfg.adapt.enabled:
+        adapt = read_manifest(run_dir / "adapt") or {}
+        spec.update(model=str((run_dir / "adapt" / "model").resolve()), weights_sha256=adapt.get("outputs", {}).get("model/model.safetensors"))
+    return spec
+
+
 def register(root: Path, run_dir: Path, actor: str | None = None) -> dict:
     """Copy a finished run's student into the registry as a new version, with its lineage and its
     verdict recomputed from the run's results (``run_check``). The copy and its hashes are made before
@@ -215,7 +226,7 @@ def register(root: Path, run_dir: Path, actor: str | None = None) -> dict:
     serving = {  # what `stillroom serve` needs besides the weights
         "task": run.cfg.data.task,
         "quantize": run.recipe["method"],
-        "teacher": run.cfg.teacher.model_dump(mode="json", include={"backend", "model", "dtype"}),
+        "teacher": served_teacher(run_dir, run.cfg),
         "cascade": {k: run.results["cascade"][k] for k in ("threshold", "signal", "verifier")} if "cascade" in run.results else None,
     }
     smoothing = (run.recipe.get("smoothing") or {}).get("file")

@@ -92,6 +92,12 @@ def _teacher(spec: dict) -> tuple:
     if key not in _TEACHERS:
         if spec.get("backend", "hf") != "hf":
             raise ValueError("a served cascade runs its teacher in process (teacher.backend: hf)")
+        if spec.get("weights_sha256"):  # a corrected teacher lives in its run folder: it must still be the one evaluated
+            from stillroom.rundir import sha256_file
+
+            weights = Path(spec["model"]) / "model.safetensors"
+            if not weights.exists() or sha256_file(weights) != spec["weights_sha256"]:
+                raise ValueError(f"the cascade's teacher {weights} is missing or is not the one the version was evaluated with")
         model, tokenizer = models.load(spec["model"], spec.get("dtype", "float32"))
         _TEACHERS[key] = (model, tokenizer, threading.Lock())
     return _TEACHERS[key]
@@ -110,7 +116,8 @@ def load_slot(version: dict, cascade: bool = True) -> Slot:
     slot = Slot(version["name"], model, tokenizer, time.time())
     if cascade and serving.get("cascade"):
         slot.cascade, slot.teacher = serving["cascade"], _teacher(serving["teacher"])
-        slot.to_teacher = registry().get("task", serving["task"]).with_teacher_context
+        with_context = serving["teacher"].get("context", "few_shot") != "none"  # a corrected teacher answers the student's own prompt
+        slot.to_teacher = registry().get("task", serving["task"]).with_teacher_context if with_context else list
     return slot
 
 
