@@ -108,7 +108,7 @@ def run(ctx: StageContext) -> None:
     cfg, ecfg = ctx.cfg, ctx.cfg.eval
     task = registry().get("task", cfg.data.task)
     examples = read_split(ctx.inputs["prepare"], ecfg.split)[: ecfg.max_examples]
-    measures = {name: registry().get("metric", name)() for name in ecfg.metrics}
+    measures = {name: metrics.build(name) for name in ecfg.metrics}
     price, seed = cfg.targets.hardware_price_per_hour, cfg.run.seed
     recipe, smoothing = read_recipe(ctx.inputs["compress"])
     quantize = recipe["method"]

@@ -48,7 +48,12 @@ def read_examples(prepare_dir: Path, splits=("train", "dev"), reference_only: bo
 def run(ctx: StageContext) -> None:
     d = ctx.cfg.data
     task = registry().get("task", d.task)
-    examples = task.build_examples(d.n_examples, d.layer_weights, ctx.cfg.run.seed, d.held_out_functions)
+    if hasattr(task, "examples_from_config"):  # a task whose examples come from files (data.task: chat)
+        examples, card = task.examples_from_config(ctx.cfg)
+        atomic.write_json(ctx.dir / "data_card.json", card)
+        ctx.counts.update({k: v for k, v in card.items() if k != "bad_rows"})
+    else:
+        examples = task.build_examples(d.n_examples, d.layer_weights, ctx.cfg.run.seed, d.held_out_functions)
     ids = [e["id"] for e in examples]
     if len(set(ids)) != len(ids):
         raise RuntimeError(f"task {d.task!r} produced duplicate example ids")
