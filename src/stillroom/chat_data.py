@@ -275,7 +275,8 @@ def reference_text(ref: dict | None) -> str | None:
     """An assistant message as the models write it: its text, then one ``<tool_call>`` block per call."""
     if ref is None:
         return None
-    return ((ref.get("content") or "") + "".join(toolcalls.format_call(c) for c in ref.get("tool_calls", []))) or None
+    calls = "".join(toolcalls.format_call({"name": c["name"], "arguments": c["arguments"]}) for c in ref.get("tool_calls", []))
+    return ((ref.get("content") or "") + calls) or None
 
 
 def text_messages(messages: list[dict]) -> list[dict]:

@@ -76,7 +76,7 @@ def run_one(spec: dict, example: dict, text: str) -> Verdict | None:
 
 def run_all(example: dict, text: str, only: list[str] | None = None) -> Verdict:
     """Every check of the example (or those named in ``only``) on ``text``: passes when each one that
-    applies passes; the reason names the first that failed; the score is their weighted mean."""
+    applies passes; the reason names the first that failed (``name/reason``); the score is their weighted mean."""
     specs = example.get("checks") or default_checks(example)
     results = [(s, run_one(s, example, text)) for s in specs if only is None or s["name"] in only]
     results = [(s, v) for s, v in results if v is not None]
@@ -85,7 +85,7 @@ def run_all(example: dict, text: str, only: list[str] | None = None) -> Verdict:
     failed = next(((s, v) for s, v in results if not v.passed), None)
     total = sum(s.get("weight", 1.0) for s, _ in results) or 1.0
     score = sum(s.get("weight", 1.0) * v.score for s, v in results) / total
-    return Verdict(failed is None, "ok" if failed is None else f"{failed[0]['name']}: {failed[1].reason}", score)
+    return Verdict(failed is None, "ok" if failed is None else f"{failed[0]['name']}/{failed[1].reason}", score)
 
 
 # -- the kinds ------------------------------------------------------------------------------------

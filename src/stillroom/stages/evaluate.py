@@ -61,8 +61,13 @@ def quality_pass(label, endpoint, messages_of, examples, batch_size, max_new_tok
     return rows, new_tokens, time.time() - t0
 
 
+def local_model(endpoint):
+    """The model of a local endpoint; None for a remote one (whose ``model`` is the served model's name)."""
+    return endpoint.model if isinstance(endpoint, HFTeacher) else None
+
+
 def latency_pass(label, endpoint, messages_of, examples, n, max_new_tokens) -> list[float]:
-    local = getattr(endpoint, "model", None)
+    local = local_model(endpoint)
     latencies = []
     with bar() as progress:
         job = add(progress, f"latency {label}", min(n, len(examples)), "req")
@@ -140,7 +145,7 @@ def run(ctx: StageContext) -> None:
             if label in need_dev:  # the temperature fit (student) and the cascade threshold (teacher, routed student)
                 dev_rows_of[label], _, _ = quality_pass(f"{label} dev", endpoint, messages_of, dev, ecfg.batch_size,
                                                         ecfg.max_new_tokens, measures, ecfg.max_tool_steps)  # fmt: skip
-        local = getattr(endpoint, "model", None)
+        local = local_model(endpoint)
         results[label] = summarize(rows, latencies, new_tokens, batch_s, ecfg, ecfg.metrics, price, seed, local,
                                    mem.mb if local is not None else None)  # fmt: skip
         if label == "teacher":
