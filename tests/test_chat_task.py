@@ -65,10 +65,15 @@ def write_jsonl(path, rows) -> str:
     return str(path)
 
 
+TEACHER_SYSTEM = "You are the shop's senior support agent. Be brief."
+JUDGE = {"name": "helpful", "kind": "judge", "rubric": "The answer helps the customer with their order."}
+JUDGE_SAYS = "Score: 8"
+
+
 @pytest.fixture(scope="module")
 def fitted_teacher(tiny_model_dir, tmp_path_factory):
-    """The tiny model fitted to answer every prompt with one tool call: a real model that calls tools,
-    so the calls it makes can be followed through the stages."""
+    """The tiny model fitted to answer every prompt with one tool call, and every judge prompt with a
+    grade: a real model that calls tools and grades, so what it writes can be followed through the stages."""
     import torch
 
     from stillroom import generation, models
@@ -76,24 +81,23 @@ def fitted_teacher(tiny_model_dir, tmp_path_factory):
 
     model, tokenizer = models.load(str(tiny_model_dir))
     task = ChatTask()
-    cfg_rows = corpus(8)
-    prompts = []
-    for r in cfg_rows:
+    pairs = []
+    for r in corpus(8):
         row = chat_data.parse_row(r, {})
         prompt = row["messages"][:-1] if row["messages"][-1]["role"] == "assistant" else row["messages"]
-        ex = {"messages": prompt, "few_shot": [], "system": {"student": chat_data.system_prompt(None, row["tools"]),
-                                                              "teacher": chat_data.system_prompt("Be brief.", row["tools"])}}  # fmt: skip
-        prompts += [generation.render(tokenizer, task.student_messages(ex)), generation.render(tokenizer, task.teacher_messages(ex))]
-        prompts.append(generation.render(tokenizer, [{"role": "system", "content": checks_judge_system()}, {"role": "user", "content": "x"}]))
-    target = tokenizer(TEACHER_SAYS, add_special_tokens=False)["input_ids"] + [generation.end_of_turn_id(tokenizer)]
+        ex = {"messages": prompt, "few_shot": [], "reference_message": row["reference"],
+              "system": {"student": chat_data.system_prompt(None, row["tools"]), "teacher": chat_data.system_prompt(TEACHER_SYSTEM, row["tools"])}}  # fmt: skip
+        pairs += [(task.student_messages(ex), TEACHER_SAYS), (task.teacher_messages(ex), TEACHER_SAYS),
+                  (checks.judge_messages(JUDGE, ex, TEACHER_SAYS), JUDGE_SAYS), (checks.judge_messages(JUDGE, ex, "Sure."), JUDGE_SAYS)]  # fmt: skip
+    eot = generation.end_of_turn_id(tokenizer)
+    rows = [(tokenizer(generation.render(tokenizer, m), add_special_tokens=False)["input_ids"],
+             tokenizer(t, add_special_tokens=False)["input_ids"] + [eot]) for m, t in pairs]  # fmt: skip
     torch.manual_seed(0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     model.train()
-    for step in range(300):
-        p = tokenizer(prompts[step % len(prompts)], add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([p + target])
-        labels = torch.tensor([[-100] * len(p) + target])
-        loss = model(input_ids=ids, labels=labels).loss
+    for step in range(400):
+        p, target = rows[step % len(rows)]
+        loss = model(input_ids=torch.tensor([p + target]), labels=torch.tensor([[-100] * len(p) + target])).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -101,12 +105,6 @@ def fitted_teacher(tiny_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("fitted-teacher")
     models.save(model, tokenizer, folder)
     return folder
-
-
-def checks_judge_system() -> str:
-    from stillroom.checks import JUDGE_SYSTEM
-
-    return JUDGE_SYSTEM
 
 
 @pytest.fixture(scope="module")
@@ -139,11 +137,25 @@ def server(fitted_teacher):
     thread.join(timeout=10)
 
 
-def test_the_fitted_teacher_calls_a_tool_over_http(server):
+def test_parse_grade_on_fixed_replies():
+    assert [checks.parse_grade(r) for r in ("Score: 8", "score=10/10", "7", "Score: 12", "Great answer!")] == [0.8, 1.0, 0.7, 1.0, None]
+
+
+@pytest.mark.parametrize("backend", ["openai", "hf"])
+def test_judge_grades_through_a_teacher_backend(server, fitted_teacher, backend):
+    from stillroom.config import CheckConfig
     from stillroom.teachers import OpenAITeacher
 
-    got = OpenAITeacher(server["url"], "tiny").complete([[{"role": "user", "content": "Where is my order A4?"}]], Sampling(40), [0], 2)
-    assert got[0].text == TEACHER_SAYS
+    teacher = {"backend": "openai", "url": server["url"], "model": "tiny"} if backend == "openai" else {"model": str(fitted_teacher)}
+    row = chat_data.parse_row(corpus(1)[0], {})
+    ex = {"messages": row["messages"], "reference_message": row["reference"], "slice": "lookup"}
+    answer = "Your order A0 is on its way."
+    reply = OpenAITeacher(server["url"], "tiny").complete([checks.judge_messages(JUDGE, ex, answer)], Sampling(16), [0], 0)[0].text
+    assert reply == JUDGE_SAYS  # what the served model answers the judge's prompt
+    judge = CheckConfig.model_validate({**JUDGE, "teacher": teacher}).spec()
+    assert checks.run_one(judge, ex, answer) == checks.Verdict(True, "ok", 0.8)
+    strict = CheckConfig.model_validate({**JUDGE, "teacher": teacher, "threshold": 0.9}).spec()
+    assert checks.run_one(strict, ex, answer) == checks.Verdict(False, "score 0.80 < 0.9", 0.8)
 
 
 def test_full_pipeline_over_http_keeps_tools_and_tool_calls_in_every_stage(server, tmp_path, tiny_model_dir):
@@ -157,7 +169,7 @@ def test_full_pipeline_over_http_keeps_tools_and_tool_calls_in_every_stage(serve
         "teacher": {"backend": "openai", "url": server["url"], "model": "tiny", "concurrency": 2},
         "student": {"model": str(tiny_model_dir)},
         "data": {"task": "chat", "train": str(data), "learn": "every", "eval_fraction": 0.25, "dev_fraction": 0.1,
-                 "context": {"teacher_system": "You are the shop's senior support agent. Be brief.", "student_system": "Support."},
+                 "context": {"teacher_system": TEACHER_SYSTEM, "student_system": "Support."},
                  "mixture": {"sources": ["teacher", "reference"], "contamination": {"action": "keep"}}},
         "signals": {"n": 1, "max_new_tokens": 40, "top_k": 2, "batch_size": 4, "shard_size": 8},
         "train": {"epochs": 1, "batch_size": 4, "max_length": 384, "reference_weight": 1.0},

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jsonschema
 
@@ -357,7 +358,7 @@ def inspect(path: str | Path, fields: dict[str, str] | None = None) -> dict:
         "with_tools": sum(bool(r["tools"]) for r in rows),
         "with_reference": sum(r["reference"] is not None or r["messages"][-1]["role"] == "assistant" for r in rows),
         "with_tool_calls": sum(any(m.get("tool_calls") for m in r["messages"]) or bool((r["reference"] or {}).get("tool_calls"))
-                               for r in rows),  # fmt: skip
+                               for r in rows),
         "multi_turn": sum(n > 1 for n in assistant_turns),
         "max_assistant_turns": max(assistant_turns, default=0),
         "layers": sorted({r["layer"] for r in rows}), "slices": sorted({r["slice"] for r in rows}),

@@ -29,6 +29,10 @@ class Task(Protocol):
         """``n`` examples split across layers by weight. Examples that must only ever be evaluated
         (e.g. they use held-out functions) carry ``"pinned_split": "eval"``."""
 
+    def examples_from_config(self, cfg) -> tuple[list[dict], dict]:
+        """Optional, instead of ``build_examples``: examples read from what the config names (the
+        ``chat`` task's data files), each pinned to its split, and a data card for the manifest."""
+
     def teacher_messages(self, example: dict, context: str) -> list[dict]:
         """Chat messages for the teacher; ``context`` is ``few_shot`` or ``none``."""
 
