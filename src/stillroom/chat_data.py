@@ -182,8 +182,8 @@ def normalize_message(raw, field: str, declared: set[str]) -> dict:
 
 
 def normalize_reference(raw, declared: set[str]) -> dict | None:
-    """The reference as an assistant message (``content`` and/or ``tool_calls``), or None."""
-    raw = _json_value(raw, "reference") if isinstance(raw, str) and raw.lstrip()[:1] in ("[", "{") else raw
+    """The reference as an assistant message (``content`` and/or ``tool_calls``), or None. A string is
+    the answer's text, even when that text is JSON (a structured answer)."""
     if raw is None:
         return None
     if isinstance(raw, str):
