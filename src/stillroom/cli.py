@@ -88,6 +88,7 @@ def init(
         raise typer.Exit(2)
     try:
         facts = chat_data.inspect(data_file)
+        text = starter(data_file, out, teacher, facts)
     except ValueError as e:
         err.print(f"[red]error[/red] {e}")
         raise typer.Exit(2) from None
@@ -98,7 +99,7 @@ def init(
         err.print(f"[yellow]bad row[/yellow] {problem}", highlight=False)
     if len(facts["bad_rows"]) > 10:
         err.print(f"... and {len(facts['bad_rows']) - 10} more bad rows")
-    atomic.write_text(out, starter(data_file, out, teacher, facts))
+    atomic.write_text(out, text)
     err.print(f"[green]wrote[/green] {out}; next: stillroom validate {out}")
 
 

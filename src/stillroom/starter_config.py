@@ -20,6 +20,21 @@ def _yaml_str(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid YAML scalar
 
 
+DEFAULT_TEACHER_LAYERS = 30  # SmolLM2-135M-Instruct
+
+
+def teacher_layers(teacher: str) -> int:
+    """Decoder layers of the teacher (``default``, or a folder's config.json), read without loading it."""
+    import json
+
+    if teacher == "default":
+        return DEFAULT_TEACHER_LAYERS
+    config = Path(teacher) / "config.json"
+    if not config.exists():
+        raise ValueError(f"teacher {teacher!r}: not `default` and not a model folder with a config.json")
+    return int(json.loads(config.read_text()).get("num_hidden_layers", 1))
+
+
 def starter(data_file: Path, out: Path, teacher: str = "default", facts: dict | None = None) -> str:
     """The starter config's YAML text for ``data_file``, written to be read from ``out``'s folder."""
     facts = facts or chat_data.inspect(data_file)
@@ -28,6 +43,9 @@ def starter(data_file: Path, out: Path, teacher: str = "default", facts: dict | 
     weights = ", ".join(f"{layer}: {round(1 / len(layers), 3)}" for layer in layers)
     learn = "every" if facts["multi_turn"] else "last"
     bad = len(facts["bad_rows"])
+    keep = max(1, round(teacher_layers(teacher) * 2 / 3))  # a third of the depth pruned: heals within a few epochs
+    if teacher != "default":
+        teacher = str(Path(teacher).resolve())
     name = "".join(c if c.isalnum() or c in "_.-" else "-" for c in data_file.stem) or "chat"
     lines = [
         f"# Starter config written by `stillroom init {data_file.name}`:",
@@ -40,7 +58,7 @@ def starter(data_file: Path, out: Path, teacher: str = "default", facts: dict | 
         f"  model: {_yaml_str(teacher)}  # `default` (SmolLM2-135M-Instruct), a local model folder, or backend: openai with url",
         "student:",
         "  pruned_from: teacher  # the teacher's own layers, fewer of them",
-        "  keep_layers: 20",
+        f"  keep_layers: {keep}  # of the teacher's {teacher_layers(teacher)} layers",
         "  prune_by: importance",
         "data:",
         "  task: chat",
