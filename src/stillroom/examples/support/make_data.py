@@ -62,17 +62,32 @@ LOOKUP = [("get_order", "What's the status of my order {order}?"), ("get_order",
 MISSING = ["Where is my parcel?", "Can you check my order status?", "I want a refund for my {item}.", "Has my order shipped yet?"]
 ASK = "Happy to help. What is your order number? It looks like NW-12345."
 CHATTER = ["Hi there, hope you're having a good day.", "Sorry for the long message.", "Third time writing about this!"]
+CITIES = ["Bergen", "Lyon", "Graz", "Porto", "Tartu", "Cork", "Ghent", "Bilbao", "Turku", "Brno", "Malmö", "Split", "Aarhus", "Trieste"]
+WHEN = ["last Monday", "two weeks ago", "on the 3rd", "before Easter", "yesterday morning", "at the end of May", "on Black Friday",
+        "about ten days ago", "on my birthday", "last weekend"]  # fmt: skip
+TRIPS = ["a hike in the Alps", "a week of camping", "my brother's wedding", "a ski trip", "a festival", "a school trip", "a sailing course"]
 
 
 def order_id(rng: random.Random) -> str:
     return f"NW-{rng.randint(10000, 99999)}"
 
 
+def detail(rng: random.Random) -> str:
+    """A sentence of context around a request, as customers write them (none a quarter of the time)."""
+    return rng.choice(["", f"I ordered it {rng.choice(WHEN)}.", f"I need it for {rng.choice(TRIPS)}.",
+                       f"It's {rng.choice(NAMES)} from {rng.choice(CITIES)} here.", f"I'm in {rng.choice(CITIES)} until {rng.choice(WHEN)}."])  # fmt: skip
+
+
+def with_detail(rng: random.Random, text: str) -> str:
+    d = detail(rng)
+    return text if not d else (f"{d} {text}" if rng.random() < 0.5 else f"{text} {d}")
+
+
 def triage_row(rng: random.Random, i: int, noisy: bool) -> dict:
     category = rng.choice(sorted(TRIAGE))
     priority, template = rng.choice(TRIAGE[category])
     order = order_id(rng)
-    ticket = template.format(item=rng.choice(ITEMS), order=order, name=rng.choice(NAMES).lower())
+    ticket = with_detail(rng, template.format(item=rng.choice(ITEMS), order=order, name=rng.choice(NAMES).lower()))
     if noisy:
         style = rng.choice(["caps", "typos", "chatter"])
         if style == "caps":
@@ -96,7 +111,7 @@ def lookup_row(rng: random.Random, i: int) -> dict:
     name, template = rng.choice(LOOKUP)
     order = order_id(rng)
     return {"id": f"lookup-{i:04d}", "layer": "core", "slice": "lookup", "tools": TOOLS,
-            "messages": [{"role": "system", "content": SHOP}, {"role": "user", "content": template.format(order=order)}],
+            "messages": [{"role": "system", "content": SHOP}, {"role": "user", "content": with_detail(rng, template.format(order=order))}],
             "reference": [call(name, {"order_id": order}, 0)]}  # fmt: skip
 
 
@@ -115,13 +130,13 @@ def refund_row(rng: random.Random, i: int) -> dict:
 
 
 def policy_row(rng: random.Random, i: int) -> dict:
-    request = rng.choice(POLICY).format(order=order_id(rng), name=rng.choice(NAMES), item=rng.choice(ITEMS))
+    request = with_detail(rng, rng.choice(POLICY).format(order=order_id(rng), name=rng.choice(NAMES), item=rng.choice(ITEMS)))
     return {"id": f"policy-{i:04d}", "layer": "failure", "slice": "policy", "tools": TOOLS,
             "messages": [{"role": "system", "content": SHOP}, {"role": "user", "content": request}], "reference_answer": REFUSAL}  # fmt: skip
 
 
 def missing_row(rng: random.Random, i: int) -> dict:
-    request = rng.choice(MISSING).format(item=rng.choice(ITEMS))
+    request = with_detail(rng, rng.choice(MISSING).format(item=rng.choice(ITEMS)))
     return {"id": f"missing-{i:04d}", "layer": "failure", "slice": "missing_order", "tools": TOOLS,
             "messages": [{"role": "system", "content": SHOP}, {"role": "user", "content": request}],
             "reference": {"role": "assistant", "content": ASK}}  # fmt: skip
