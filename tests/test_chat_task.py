@@ -162,13 +162,13 @@ def test_full_pipeline_over_http_keeps_tools_and_tool_calls_in_every_stage(serve
     from stillroom.pipeline import run_pipeline
     from stillroom.stages.generate import read_candidates
 
-    data = write_jsonl(tmp_path / "traffic.jsonl", corpus())
+    data = write_jsonl(tmp_path / "traffic.jsonl", [*corpus(), {"messages": [{"role": "user", "content": "hi"}], "layer": "core2"}])
     cfg_path = tmp_path / "chat.yaml"
     cfg_path.write_text(yaml.safe_dump({
         "run": {"name": "chat", "dir": str(tmp_path / "runs")},
         "teacher": {"backend": "openai", "url": server["url"], "model": "tiny", "concurrency": 2},
         "student": {"model": str(tiny_model_dir)},
-        "data": {"task": "chat", "train": str(data), "learn": "every", "eval_fraction": 0.25, "dev_fraction": 0.1,
+        "data": {"task": "chat", "train": str(data), "learn": "every", "on_bad_row": "skip", "eval_fraction": 0.25, "dev_fraction": 0.1,
                  "context": {"teacher_system": TEACHER_SYSTEM, "student_system": "Support."},
                  "mixture": {"sources": ["teacher", "reference"], "contamination": {"action": "keep"}}},
         "signals": {"n": 1, "max_new_tokens": 40, "top_k": 2, "batch_size": 4, "shard_size": 8},
@@ -235,4 +235,6 @@ def test_full_pipeline_over_http_keeps_tools_and_tool_calls_in_every_stage(serve
         assert r["metrics"]["call_validity"] == (1.0 if examples[r["example_id"]]["tools"] else 0.0)
     results = json.loads((root / "eval" / "results.json").read_text())
     assert set(results["models"]["teacher"]["per_slice"]) == {examples[r["example_id"]]["slice"] for r in teacher_rows}
-    assert (root / "report" / "report.html").exists()
+    report = (root / "report.md").read_text()
+    assert "Rows from files: 30 rows gave 46 examples (learned turns: `every`); 1 malformed rows skipped (by field: layer x1;" in report
+    assert json.loads((prep / "data_card.json").read_text())["bad_rows"] == [f"{data}:31: layer: unknown layer 'core2'; allowed: core, failure, long_tail"]

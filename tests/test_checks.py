@@ -146,3 +146,16 @@ def test_check_metrics_must_name_a_configured_check(tmp_path):
     cfg["eval"]["metrics"].pop()
     path.write_text(yaml.safe_dump(cfg))
     assert load_config(path).eval.metrics[-1] == "check:polite"
+
+
+def test_chat_defaults_are_validated_like_given_values(tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({"student": {"model": "default"},
+                                    "data": {"task": "chat", "train": str(data), "select": {"policy": "best_of_n", "score": "verifier:checks"}}}))  # fmt: skip
+    cfg = load_config(path)
+    assert cfg.data.select.verifiers == ["checks"] and cfg.eval.metrics[1] == "call_validity"
+    built_in = tmp_path / "toolcall.yaml"
+    built_in.write_text(yaml.safe_dump({"data": {"n_examples": 20}}))
+    assert load_config(built_in).data.select.verifiers == ["tool_call", "no_call"]  # the built-in task's defaults stay

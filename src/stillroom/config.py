@@ -601,17 +601,30 @@ class PipelineConfig(Section):
         return self
 
 
-def _chat_defaults(cfg: PipelineConfig) -> list[str]:
-    """Defaults of data.task: chat where the config leaves them unset (the select verifiers: the rows'
-    checks; the format metric: call validity), and its `check:NAME` metrics named in data.checks."""
-    if cfg.data.task != "chat":
-        return [f"eval.metrics: {m} needs data.task: chat" for m in cfg.eval.metrics if m.startswith("check:")]
-    if "verifiers" not in cfg.data.select.model_fields_set:
-        cfg.data.select.verifiers = ["checks"]
-    if "metrics" not in cfg.eval.model_fields_set:
-        cfg.eval.metrics = ["task_success", "call_validity", "unsafe_compliance", "over_refusal"]
+CHAT_DEFAULTS = {("data", "select", "verifiers"): ["checks"],  # the rows' checks decide what is kept
+                 ("eval", "metrics"): ["task_success", "call_validity", "unsafe_compliance", "over_refusal"]}  # fmt: skip
+
+
+def _with_chat_defaults(raw: dict) -> dict:
+    """``raw`` with the defaults of data.task: chat where it leaves them unset (validated like given values)."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("data"), dict) or raw["data"].get("task") != "chat":
+        return raw
+    import copy
+
+    raw = copy.deepcopy(raw)
+    for path, value in CHAT_DEFAULTS.items():
+        node = raw
+        for key in path[:-1]:
+            node = node.setdefault(key, {}) if isinstance(node.get(key, {}), dict) else {}
+        node.setdefault(path[-1], list(value))
+    return raw
+
+
+def _check_metrics(cfg: PipelineConfig) -> list[str]:
+    """Every `check:NAME` metric names one of data.checks (data.task: chat)."""
     names = {c.name for c in cfg.data.checks or []}
-    return [f"eval.metrics: {m}: no check named {m[6:]!r} in data.checks" for m in cfg.eval.metrics if m.startswith("check:") and m[6:] not in names]
+    return [f"eval.metrics: {m}: " + (f"no check named {m[6:]!r} in data.checks" if cfg.data.task == "chat" else "needs data.task: chat")
+            for m in cfg.eval.metrics if m.startswith("check:") and m[6:] not in names]  # fmt: skip
 
 
 class ConfigError(Exception):
@@ -650,7 +663,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
 
 def validate(raw: dict, source: Path, node: Any = None, overridden: list[str] = ()) -> PipelineConfig:
     try:
-        cfg = PipelineConfig.model_validate(raw, context={"base_dir": source.parent})
+        cfg = PipelineConfig.model_validate(_with_chat_defaults(raw), context={"base_dir": source.parent})
     except ValidationError as e:
         problems = []
         for err in e.errors():
@@ -662,7 +675,7 @@ def validate(raw: dict, source: Path, node: Any = None, overridden: list[str] = 
                 where = f"{source}:{_line_of(node, err['loc'])}"
             problems.append(f"{where}: {field}: {_message(err)}")
         raise ConfigError(problems) from None
-    problems = [f"{source}: {p}" for p in _chat_defaults(cfg)]
+    problems = [f"{source}: {p}" for p in _check_metrics(cfg)]
     if not problems and cfg.data.task == "chat" and cfg.data.on_bad_row == "fail":
         from stillroom.chat_task import bad_rows
 
