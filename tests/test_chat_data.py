@@ -126,3 +126,20 @@ def test_chat_only_fields_are_refused_for_the_built_in_task(tmp_path):
     path.write_text(yaml.safe_dump({"data": {"learn": "every"}}))
     with pytest.raises(ConfigError, match="learn: only with data.task: chat"):
         load_config(path)
+
+
+def test_prepare_runs_again_when_a_data_file_changes(tmp_path):
+    from stillroom.pipeline import run_pipeline
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"id": "a", **GOOD}) + "\n")
+    cfg = load_config(config(tmp_path, {"train": str(data)}), [f"run.dir={tmp_path / 'runs'}"])
+    root = run_pipeline(cfg, until="prepare")
+    key = json.loads((root / "prepare" / "manifest.json").read_text())["key"]
+    assert json.loads((root / "prepare" / "manifest.json").read_text())["counts"]["examples"] == 1
+    run_pipeline(cfg, until="prepare")  # unchanged: skipped, same key
+    assert json.loads((root / "prepare" / "manifest.json").read_text())["key"] == key
+    data.write_text(json.dumps({"id": "a", **GOOD}) + "\n" + json.dumps({"id": "b", **GOOD}) + "\n")
+    run_pipeline(cfg, until="prepare")
+    manifest = json.loads((root / "prepare" / "manifest.json").read_text())
+    assert manifest["key"] != key and manifest["counts"]["examples"] == 2

@@ -125,6 +125,11 @@ class ChatTask:
     def examples_from_config(self, cfg) -> tuple[list[dict], dict]:
         return examples_from_config(cfg)
 
+    def source_files(self, cfg) -> list[str]:
+        """The files the examples are read from: the data, the few-shot conversations, the teacher's system prompt."""
+        c = cfg.data.context
+        return [path for path, _ in files_of(cfg.data)] + [f for f in (c.few_shot, c.teacher_system_file) if f]
+
     @staticmethod
     def _conversation(example: dict) -> list[dict]:
         return chat_data.text_messages([m for m in example["messages"] if m["role"] != "system"])

@@ -29,7 +29,7 @@ def _stages() -> list[Stage]:
     generate_config = ("run.seed", "teacher", *(f"signals.{k}" for k in GENERATE_FIELDS))  # not `kind`: variants share the teacher's signals
 
     return [
-        Stage("prepare", prepare.run, (), ("run.seed", "data"), "build the task's examples and fixed splits"),
+        Stage("prepare", prepare.run, (), ("run.seed", "data"), "build the task's examples and fixed splits", external=prepare.external),
         Stage("generate", generate.run, ("prepare",), generate_config, "sample teacher candidates and traces", "0.3.0", task=True),
         Stage("self_generate", self_generate.run, ("prepare",), ("run.seed", "teacher", "student.dtype", "signals.self", "signals.top_p",
               "signals.max_new_tokens", "signals.max_tool_steps", "signals.batch_size", "signals.shard_size"),

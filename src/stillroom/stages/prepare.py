@@ -17,7 +17,7 @@ from pathlib import Path
 
 from stillroom import atomic
 from stillroom.plugins import registry
-from stillroom.rundir import StageContext
+from stillroom.rundir import StageContext, sha256_file
 
 SPLITS = ("train", "dev", "eval")
 
@@ -43,6 +43,13 @@ def read_examples(prepare_dir: Path, splits=("train", "dev"), reference_only: bo
     if reference_only and (prepare_dir / f"{REFERENCE_ONLY}.jsonl").exists():
         out.update({e["id"]: {**e, "split": "train"} for e in read_split(prepare_dir, REFERENCE_ONLY)})
     return out
+
+
+def external(cfg) -> dict[str, str]:
+    """The hashes of the files outside the run a task reads its examples from (``source_files``: the chat
+    task's data and context files), so that prepare runs again when one changes; none for generated tasks."""
+    task = registry().get("task", cfg.data.task)
+    return {f"file:{f}": sha256_file(Path(f)) for f in (task.source_files(cfg) if hasattr(task, "source_files") else [])}
 
 
 def run(ctx: StageContext) -> None:
