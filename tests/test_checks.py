@@ -159,3 +159,18 @@ def test_chat_defaults_are_validated_like_given_values(tmp_path):
     built_in = tmp_path / "toolcall.yaml"
     built_in.write_text(yaml.safe_dump({"data": {"n_examples": 20}}))
     assert load_config(built_in).data.select.verifiers == ["tool_call", "no_call"]  # the built-in task's defaults stay
+
+
+def test_a_written_run_config_with_checks_reads_back(tmp_path):
+    """pipeline writes config.yaml from model_dump: the schema read from schema_file travels inline."""
+    (tmp_path / "schema.json").write_text('{"type": "object"}')
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({"student": {"model": "default"}, "data": {"task": "chat", "train": "rows.jsonl",
+                                    "checks": [{"name": "obj", "kind": "json_schema", "schema_file": "schema.json"}]}}))  # fmt: skip
+    dumped = load_config(path).model_dump(mode="json")
+    assert dumped["data"]["checks"][0]["schema_"] == {"type": "object"} and "schema_file" not in dumped["data"]["checks"][0]
+    again = tmp_path / "again.yaml"
+    again.write_text(yaml.safe_dump(dumped))
+    assert load_config(again).data.checks[0].spec()["schema"] == {"type": "object"}

@@ -174,6 +174,8 @@ CHECK_REQUIRED = {"regex": "pattern", "python": "function", "judge": "rubric"}
 class CheckConfig(Section):
     """One check of a `chat` example (checks.py), usable as a verifier (``checks``) and a metric (``check:NAME``)."""
 
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)  # `schema_` too: a run's written config reads back
+
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # names it in the data card, failure reasons and `check:NAME` metrics
     kind: Literal["reference_match", "tool_call_match", "tool_schema", "json_schema", "regex", "python", "judge"]
     weight: float = Field(1.0, gt=0)  # share in the example's combined score (best_of_n with `verifier:checks`)
@@ -182,7 +184,7 @@ class CheckConfig(Section):
     mode: Literal["exact", "normalized", "json"] | None = None  # reference_match: how texts compare (default normalized)
     order_insensitive: bool | None = None  # tool_call_match: calls may come in any order
     schema_: dict[str, Any] | None = Field(None, alias="schema")  # json_schema: the JSON Schema, inline ...
-    schema_file: str | None = None  # ... or in a file (relative to the config)
+    schema_file: str | None = Field(None, exclude=True)  # ... or in a file (relative to the config; read into `schema`)
     pattern: str | None = None  # regex: searched in the answer
     must_match: bool | None = None  # regex: false = the pattern must not occur
     function: str | None = None  # python: module:function, called as fn(sample, row)
@@ -196,6 +198,8 @@ class CheckConfig(Section):
         if isinstance(data, dict) and isinstance(data.get("schema_file"), str):
             import json
 
+            if "schema" in data or "schema_" in data:
+                raise ValueError("give schema or schema_file, not both")
             path = _existing_path(data["schema_file"], info, "schema file")
             try:
                 schema = json.loads(Path(path).read_text())
@@ -237,7 +241,7 @@ class CheckConfig(Section):
 
     def spec(self) -> dict:
         """The plain dict checks.py reads."""
-        return self.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"schema_file"})
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 class ChatContextConfig(Section):
