@@ -126,6 +126,10 @@ def test_chat_only_fields_are_refused_for_the_built_in_task(tmp_path):
     path.write_text(yaml.safe_dump({"data": {"learn": "every"}}))
     with pytest.raises(ConfigError, match="learn: only with data.task: chat"):
         load_config(path)
+    path.write_text(yaml.safe_dump({"data": {"n_examples": 20}}))
+    written = tmp_path / "written.yaml"  # what a run writes to its config.yaml, every default spelled out
+    written.write_text(yaml.safe_dump(load_config(path).model_dump(mode="json")))
+    assert load_config(written).data.task == "toolcall"
 
 
 def test_prepare_runs_again_when_a_data_file_changes(tmp_path):

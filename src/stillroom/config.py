@@ -305,7 +305,7 @@ class DataConfig(Section):
     @model_validator(mode="after")
     def _chat_files(self) -> DataConfig:
         if self.task != "chat":
-            stray = sorted(k for k in CHAT_ONLY if k in self.model_fields_set)
+            stray = sorted(k for k in CHAT_ONLY if getattr(self, k) != type(self).model_fields[k].default)  # a written config reads back
             if stray:
                 raise ValueError(f"{', '.join(stray)}: only with data.task: chat (rows from files)")
             return self
