@@ -22,16 +22,20 @@ def openai_teacher(cfg):
 
 
 def register(registry) -> None:
-    from stillroom import metrics, verifiers
+    from stillroom import checks, metrics, verifiers
+    from stillroom.chat_task import ChatTask
     from stillroom.examples.toolcall.task import ToolCallTask, no_call, tool_call, trace
 
     registry.add("teacher", "hf", hf_teacher)
     registry.add("teacher", "openai", openai_teacher)
     registry.add("task", "toolcall", ToolCallTask())
+    registry.add("task", "chat", ChatTask())
     for name in ("json_schema", "regex", "length", "python", "refusal", "over_refusal", "reference"):
         registry.add("verifier", name, getattr(verifiers, name))
     registry.add("verifier", "tool_call", tool_call)
     registry.add("verifier", "no_call", no_call)
     registry.add("verifier", "trace", trace)
+    registry.add("verifier", "checks", checks.verifier)
     for name in ("task_success", "format_validity", "unsafe_compliance", "over_refusal"):
         registry.add("metric", name, getattr(metrics, name))
+    registry.add("metric", "call_validity", checks.call_validity)

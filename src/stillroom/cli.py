@@ -75,6 +75,41 @@ def validate(config: Path = ConfigArg, overrides: Optional[list[str]] = Override
 
 
 @app.command()
+def init(
+    data_file: Path = typer.Argument(..., help="Chat rows, JSON lines (.jsonl) or Parquet, in the OpenAI chat format."),
+    out: Path = typer.Option(Path("stillroom.yaml"), "--out", "-o", help="Where to write the starter config."),
+    teacher: str = typer.Option("default", help="Teacher model: `default` or a local model folder."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing config."),
+) -> None:  # fmt: skip
+    """Inspect a file of chat rows (rows, columns, tools, references, turns, malformed rows) and write a
+    starter config for it (data.task: chat) that `stillroom validate` accepts."""
+    from stillroom import atomic, chat_data
+    from stillroom.starter_config import starter
+
+    if not data_file.exists():
+        err.print(f"[red]error[/red] {data_file}: no such file")
+        raise typer.Exit(2)
+    if out.exists() and not force:
+        err.print(f"[red]error[/red] {out} exists; pass --force to overwrite it")
+        raise typer.Exit(2)
+    try:
+        facts = chat_data.inspect(data_file)
+        text = starter(data_file, out, teacher, facts)
+    except ValueError as e:
+        err.print(f"[red]error[/red] {e}")
+        raise typer.Exit(2) from None
+    for key in ("rows", "good_rows", "with_tools", "with_reference", "with_tool_calls", "multi_turn", "max_assistant_turns"):
+        err.print(f"{key.replace('_', ' ')}: {facts[key]}")
+    err.print(f"columns: {', '.join(facts['columns'])}; layers: {', '.join(facts['layers'])}; slices: {', '.join(facts['slices'])}")
+    for problem in facts["bad_rows"][:10]:
+        err.print(f"[yellow]bad row[/yellow] {problem}", highlight=False)
+    if len(facts["bad_rows"]) > 10:
+        err.print(f"... and {len(facts['bad_rows']) - 10} more bad rows")
+    atomic.write_text(out, text)
+    err.print(f"[green]wrote[/green] {out}; next: stillroom validate {out}")
+
+
+@app.command()
 def run(config: Path = ConfigArg, overrides: Optional[list[str]] = OverridesArg, force: list[str] = ForceOpt) -> None:
     """Run every stage (prepare, generate, select, mix, train, eval, report); finished ones are skipped.
     Exits 3 when the student fails a gate (after writing the report)."""

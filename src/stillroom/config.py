@@ -187,6 +187,108 @@ class MixtureConfig(Section):
     size: int | None = Field(None, ge=1)  # training records after resampling (None: as many as kept)
 
 
+CHECK_PARAMS = {"reference_match": {"mode"}, "tool_call_match": {"order_insensitive"}, "tool_schema": set(),
+                "json_schema": {"schema_", "schema_file"}, "regex": {"pattern", "must_match"}, "python": {"function"},
+                "judge": {"rubric", "teacher", "max_new_tokens"}}  # fmt: skip
+CHECK_REQUIRED = {"regex": "pattern", "python": "function", "judge": "rubric"}
+
+
+class CheckConfig(Section):
+    """One check of a `chat` example (checks.py), usable as a verifier (``checks``) and a metric (``check:NAME``)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)  # `schema_` too: a run's written config reads back
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # names it in the data card, failure reasons and `check:NAME` metrics
+    kind: Literal["reference_match", "tool_call_match", "tool_schema", "json_schema", "regex", "python", "judge"]
+    weight: float = Field(1.0, gt=0)  # share in the example's combined score (best_of_n with `verifier:checks`)
+    threshold: float | None = Field(None, ge=0, le=1)  # least score that passes (default 1; judge 0.7)
+    slices: list[str] | None = None  # only examples of these slices (None: all)
+    mode: Literal["exact", "normalized", "json"] | None = None  # reference_match: how texts compare (default normalized)
+    order_insensitive: bool | None = None  # tool_call_match: calls may come in any order
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # json_schema: the JSON Schema, inline ...
+    schema_file: str | None = Field(None, exclude=True)  # ... or in a file (relative to the config; read into `schema`)
+    pattern: str | None = None  # regex: searched in the answer
+    must_match: bool | None = None  # regex: false = the pattern must not occur
+    function: str | None = None  # python: module:function, called as fn(sample, row)
+    rubric: str | None = None  # judge: what a good answer does
+    teacher: TeacherConfig | None = None  # judge: the grading model (default: the run's teacher)
+    max_new_tokens: int | None = Field(None, ge=1)  # judge: tokens of its reply (default 16)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _schema_file(cls, data, info: ValidationInfo):
+        if isinstance(data, dict) and isinstance(data.get("schema_file"), str):
+            import json
+
+            if "schema" in data or "schema_" in data:
+                raise ValueError("give schema or schema_file, not both")
+            path = _existing_path(data["schema_file"], info, "schema file")
+            try:
+                schema = json.loads(Path(path).read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"schema_file {data['schema_file']!r} is not JSON: {e.msg} (line {e.lineno})") from None
+            data = {**data, "schema_file": path, "schema": schema}
+        return data
+
+    @model_validator(mode="after")
+    def _parameters_of_kind(self) -> CheckConfig:
+        import re
+
+        import jsonschema
+
+        from stillroom import checks
+
+        given = {k for k in set().union(*CHECK_PARAMS.values()) if getattr(self, k) is not None}
+        stray = given - CHECK_PARAMS[self.kind]
+        if stray:
+            names = sorted("schema" if k == "schema_" else k for k in stray)
+            raise ValueError(f"check {self.name!r} ({self.kind}) takes no {', '.join(names)}")
+        if self.kind in CHECK_REQUIRED and getattr(self, CHECK_REQUIRED[self.kind]) is None:
+            raise ValueError(f"check {self.name!r} ({self.kind}) needs `{CHECK_REQUIRED[self.kind]}`")
+        if self.kind == "json_schema":
+            if self.schema_ is None:
+                raise ValueError(f"check {self.name!r} (json_schema) needs `schema` or `schema_file`")
+            try:
+                jsonschema.Draft202012Validator.check_schema(self.schema_)
+            except jsonschema.SchemaError as e:
+                raise ValueError(f"check {self.name!r}: schema is not a JSON Schema: {e.message}") from None
+        if self.kind == "regex":
+            try:
+                re.compile(self.pattern)
+            except re.error as e:
+                raise ValueError(f"check {self.name!r}: invalid pattern {self.pattern!r}: {e}") from None
+        if self.kind == "python":
+            checks.load_function(self.function)
+        return self
+
+    def spec(self) -> dict:
+        """The plain dict checks.py reads."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class ChatContextConfig(Section):
+    """What the teacher and the student see around a `chat` row's conversation."""
+
+    teacher_system: str | None = None  # the teacher's system prompt (default: the student's)
+    teacher_system_file: str | None = None  # ... or read from a text file
+    few_shot: str | None = None  # JSONL of worked conversations ({messages, tools?}) shown to the teacher first
+    student_system: str | None = None  # the student's system prompt (default: the row's own system turn, if any)
+
+    @field_validator("teacher_system_file", "few_shot")
+    @classmethod
+    def _file_exists(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return None if v is None else _existing_path(v, info, "file")
+
+    @model_validator(mode="after")
+    def _one_system(self) -> ChatContextConfig:
+        if self.teacher_system is not None and self.teacher_system_file is not None:
+            raise ValueError("give teacher_system or teacher_system_file, not both")
+        return self
+
+
+CHAT_ONLY = ("train", "dev", "eval", "fields", "learn", "on_bad_row", "context", "checks")
+
+
 class DataConfig(Section):
     task: str = "toolcall"  # a registered task that generates the examples
     n_examples: int = Field(240, ge=10)  # examples generated before the split
@@ -199,6 +301,46 @@ class DataConfig(Section):
     # only the teacher labels it); the labelled pool is then `reference_examples`
     select: SelectConfig = SelectConfig()
     mixture: MixtureConfig = MixtureConfig()
+    # data.task: chat, rows from files (chat_data.py); n_examples and held_out_functions do not apply
+    train: str | None = None  # JSONL or Parquet of chat rows; alone, hash-split into train / dev / eval by the fractions
+    dev: str | None = None  # fixed dev rows (else a hash split of `train`)
+    eval: str | None = None  # fixed eval rows (else a hash split of `train`)
+    fields: dict[str, str] = {}  # our field -> your column: messages, tools, reference, id, layer, slice
+    learn: Literal["last", "every"] = "last"  # the last assistant turn, or every assistant turn in its logged context
+    on_bad_row: Literal["fail", "skip"] = "fail"  # fail: stop before any model loads; skip: drop and count them
+    context: ChatContextConfig = ChatContextConfig()
+    checks: list[CheckConfig] | None = None  # what a right answer is (None: reference match, schema-valid tool calls)
+
+    @field_validator("train", "dev", "eval")
+    @classmethod
+    def _data_file(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return None if v is None else _existing_path(v, info, "data file")
+
+    @field_validator("fields")
+    @classmethod
+    def _known_fields(cls, v: dict[str, str]) -> dict[str, str]:
+        from stillroom.chat_data import FIELDS
+
+        bad = sorted(set(v) - set(FIELDS))
+        if bad:
+            raise ValueError(f"unknown field(s) {bad}; map these onto your columns: {', '.join(FIELDS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _chat_files(self) -> DataConfig:
+        if self.task != "chat":
+            stray = sorted(k for k in CHAT_ONLY if getattr(self, k) != type(self).model_fields[k].default)  # a written config reads back
+            if stray:
+                raise ValueError(f"{', '.join(stray)}: only with data.task: chat (rows from files)")
+            return self
+        if self.train is None:
+            raise ValueError("data.task: chat reads its rows from files: set data.train (JSONL or Parquet)")
+        if self.reference_examples:
+            raise ValueError("reference_examples does not apply to data.task: chat (every row of the files is an example)")
+        names = [c.name for c in self.checks or []]
+        if len(set(names)) != len(names):
+            raise ValueError(f"check names must be distinct (got {names})")
+        return self
 
     @field_validator("task")
     @classmethod
@@ -450,7 +592,8 @@ class EvalConfig(Section):
     @classmethod
     def _metrics_registered(cls, v: list[str]) -> list[str]:
         for name in v:
-            _registered("metric", name)
+            if not name.startswith("check:"):  # check:NAME: a data.checks entry, known at the pipeline level
+                _registered("metric", name)
         if "task_success" not in v:
             raise ValueError("must include task_success (calibration and the report read it)")
         return v
@@ -539,6 +682,32 @@ class PipelineConfig(Section):
         return self
 
 
+CHAT_DEFAULTS = {("data", "select", "verifiers"): ["checks"],  # the rows' checks decide what is kept
+                 ("eval", "metrics"): ["task_success", "call_validity", "unsafe_compliance", "over_refusal"]}  # fmt: skip
+
+
+def _with_chat_defaults(raw: dict) -> dict:
+    """``raw`` with the defaults of data.task: chat where it leaves them unset (validated like given values)."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("data"), dict) or raw["data"].get("task") != "chat":
+        return raw
+    import copy
+
+    raw = copy.deepcopy(raw)
+    for path, value in CHAT_DEFAULTS.items():
+        node = raw
+        for key in path[:-1]:
+            node = node.setdefault(key, {}) if isinstance(node.get(key, {}), dict) else {}
+        node.setdefault(path[-1], list(value))
+    return raw
+
+
+def _check_metrics(cfg: PipelineConfig) -> list[str]:
+    """Every `check:NAME` metric names one of data.checks (data.task: chat)."""
+    names = {c.name for c in cfg.data.checks or []}
+    return [f"eval.metrics: {m}: " + (f"no check named {m[6:]!r} in data.checks" if cfg.data.task == "chat" else "needs data.task: chat")
+            for m in cfg.eval.metrics if m.startswith("check:") and m[6:] not in names]  # fmt: skip
+
+
 class ConfigError(Exception):
     """Every problem found in a config, each naming file, line and field."""
 
@@ -619,7 +788,7 @@ def _count_nodes(root: Any, where: str) -> None:
 def validate(raw: dict, source: Path, node: Any = None, overridden: list[str] = (), check_paths: bool = True) -> PipelineConfig:
     """``check_paths=False``: model folders need not exist (a finished run's config read back later)."""
     try:
-        return PipelineConfig.model_validate(raw, context={"base_dir": source.parent, "check_paths": check_paths})
+        cfg = PipelineConfig.model_validate(_with_chat_defaults(raw), context={"base_dir": source.parent, "check_paths": check_paths})
     except ValidationError as e:
         problems = []
         for err in e.errors():
@@ -631,6 +800,14 @@ def validate(raw: dict, source: Path, node: Any = None, overridden: list[str] = 
                 where = f"{source}:{_line_of(node, err['loc'])}"
             problems.append(f"{where}: {field}: {_message(err)}")
         raise ConfigError(problems) from None
+    problems = [f"{source}: {p}" for p in _check_metrics(cfg)]
+    if not problems and check_paths and cfg.data.task == "chat" and cfg.data.on_bad_row == "fail":
+        from stillroom.chat_task import bad_rows
+
+        problems = [str(b) for b in bad_rows(cfg.data)]  # each names its file, line and field
+    if problems:
+        raise ConfigError(problems)
+    return cfg
 
 
 def _allowed_fields(loc: tuple) -> list[str]:

@@ -64,6 +64,17 @@ def over_refusal() -> Measure:
     return measure
 
 
+def build(name: str) -> Measure:
+    """The measure named in ``eval.metrics``: a registered metric, or ``check:NAME`` (one of data.checks)."""
+    if name.startswith("check:"):
+        from stillroom import checks
+
+        return checks.metric(name.removeprefix("check:"))
+    from stillroom.plugins import registry
+
+    return registry().get("metric", name)()
+
+
 def percentile(values: list[float], q: float) -> float:
     """Linear-interpolated percentile, q in [0, 100]."""
     xs = sorted(values)

@@ -30,6 +30,13 @@ class Task(Protocol):
         (e.g. they use held-out functions) carry ``"pinned_split": "eval"``; those that must never be
         (their request text is one a held-out example uses) carry ``"pinned_split": "not_eval"``."""
 
+    def examples_from_config(self, cfg) -> tuple[list[dict], dict]:
+        """Optional, instead of ``build_examples``: examples read from what the config names (the
+        ``chat`` task's data files), each pinned to its split, and a data card for the manifest."""
+
+    def source_files(self, cfg) -> list[str]:
+        """Optional, with ``examples_from_config``: the files read; their hashes are part of prepare's key."""
+
     def teacher_messages(self, example: dict, context: str) -> list[dict]:
         """Chat messages for the teacher; ``context`` is ``few_shot`` or ``none``."""
 

@@ -61,8 +61,13 @@ def quality_pass(label, endpoint, messages_of, examples, batch_size, max_new_tok
     return rows, new_tokens, time.time() - t0
 
 
+def local_model(endpoint):
+    """The model of a local endpoint; None for a remote one (whose ``model`` is the served model's name)."""
+    return endpoint.model if isinstance(endpoint, HFTeacher) else None
+
+
 def latency_pass(label, endpoint, messages_of, examples, n, max_new_tokens) -> list[float]:
-    local = getattr(endpoint, "model", None)
+    local = local_model(endpoint)
     latencies = []
     with bar() as progress:
         job = add(progress, f"latency {label}", min(n, len(examples)), "req")
@@ -110,7 +115,7 @@ def run(ctx: StageContext) -> None:
     cfg, ecfg = ctx.cfg, ctx.cfg.eval
     task = registry().get("task", cfg.data.task)
     examples = read_split(ctx.inputs["prepare"], ecfg.split)[: ecfg.max_examples]
-    measures = {name: registry().get("metric", name)() for name in ecfg.metrics}
+    measures = {name: metrics.build(name) for name in ecfg.metrics}
     price, seed = cfg.targets.hardware_price_per_hour, cfg.run.seed
     recipe, smoothing = read_recipe(ctx.inputs["compress"])
     quantize = recipe["method"]
@@ -151,7 +156,7 @@ def run(ctx: StageContext) -> None:
             if label in need_dev:  # the temperature fit (student) and the cascade threshold (teacher, routed student)
                 dev_rows_of[label], _, _ = quality_pass(f"{label} dev", endpoint, messages_of, dev, ecfg.batch_size,
                                                         ecfg.max_new_tokens, measures, ecfg.max_tool_steps)  # fmt: skip
-        local = getattr(endpoint, "model", None)
+        local = local_model(endpoint)
         size = (models.n_params(local), round(models.weight_bytes(local) / 2**20, 1)) if local is not None else None
         measured[label] = (rows, latencies, new_tokens, batch_s, size, mem.mb if local is not None else None)
         rows_of[label] = rows

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from stillroom import atomic
 from stillroom.plugins import registry
-from stillroom.rundir import StageContext
+from stillroom.rundir import StageContext, sha256_file
 
 SPLITS = ("train", "dev", "eval")
 
@@ -31,8 +31,8 @@ def split_for(example: dict, eval_fraction: float, dev_fraction: float) -> str:
     """The example's split: pinned ``eval`` by the task, or by the hash of its id (``not_eval``:
     never held out, so a hash that says eval puts it in train)."""
     pinned = example.get("pinned_split")
-    if pinned == "eval":
-        return "eval"
+    if pinned in ("train", "dev", "eval"):  # the chat task pins train and dev too (whole conversations, given files)
+        return pinned
     split = split_of(example["id"], eval_fraction, dev_fraction)
     return "train" if pinned == "not_eval" and split == "eval" else split
 
@@ -61,10 +61,22 @@ def read_examples(prepare_dir: Path, splits=("train", "dev"), reference_only: bo
     return out
 
 
+def external(cfg) -> dict[str, str]:
+    """The hashes of the files outside the run a task reads its examples from (``source_files``: the chat
+    task's data and context files), so that prepare runs again when one changes; none for generated tasks."""
+    task = registry().get("task", cfg.data.task)
+    return {f"file:{f}": sha256_file(Path(f)) for f in (task.source_files(cfg) if hasattr(task, "source_files") else [])}
+
+
 def run(ctx: StageContext) -> None:
     d = ctx.cfg.data
     task = registry().get("task", d.task)
-    examples = task.build_examples(d.n_examples, d.layer_weights, ctx.cfg.run.seed, d.held_out_functions)
+    if hasattr(task, "examples_from_config"):  # a task whose examples come from files (data.task: chat)
+        examples, card = task.examples_from_config(ctx.cfg)
+        atomic.write_json(ctx.dir / "data_card.json", card)
+        ctx.counts.update({k: v for k, v in card.items() if k != "bad_rows"})
+    else:
+        examples = task.build_examples(d.n_examples, d.layer_weights, ctx.cfg.run.seed, d.held_out_functions)
     ids = [e["id"] for e in examples]
     if len(set(ids)) != len(ids):
         raise RuntimeError(f"task {d.task!r} produced duplicate example ids")

@@ -104,6 +104,7 @@ def blocks(cfg, results: dict, verdict: dict, card: dict, mix_card: dict, manife
         ("h2", "Failure reasons"),
         ("table", ["reason", *models], [[r, *[m["failure_reasons"].get(r, 0) for m in models.values()]]
                                         for r in sorted({r for m in models.values() for r in m["failure_reasons"]})]),  # fmt: skip
+        *_rows_read(manifests),
         *_data_card(card, mix_card),
         *_training(manifests),
         ("h2", "Stage timings"),
@@ -213,6 +214,16 @@ def _group_table(t: dict, s: dict, d: dict, per: str, names: list[str]) -> list[
                      _ci(sm.get("format_validity")), _delta(dm.get("format_validity"))])  # fmt: skip
     return [("table", [per, "n", "teacher task success", "student task success", "student - teacher (points)",
                        "student format validity", "format validity delta"], rows)]  # fmt: skip
+
+
+def _rows_read(manifests: dict) -> list[tuple]:
+    """Tasks whose examples come from files (data.task: chat): rows read, examples, malformed rows skipped."""
+    c = manifests.get("prepare", {}).get("counts", {})
+    if "rows_with_examples" not in c:
+        return []
+    skipped = "; ".join(f"{k} x{n}" for k, n in c["bad_rows_by_field"].items())
+    return [("p", f"Rows from files: {c['rows_with_examples']} rows gave {c['examples']} examples (learned turns: `{c['learn']}`); "
+                  f"{c['bad_rows_skipped']} malformed rows skipped" + (f" (by field: {skipped}; listed in prepare/data_card.json)." if skipped else "."))]  # fmt: skip
 
 
 def _data_card(card: dict, mix_card: dict) -> list[tuple]:
