@@ -4,13 +4,10 @@ OpenAI-compatible endpoint over real HTTP, tool calls and multi-turn rows, every
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 
 import pytest
-import uvicorn
 import yaml
+from finished_runs import running
 
 from stillroom import atomic, chat_data, checks, toolcalls
 from stillroom.config import load_config
@@ -122,19 +119,8 @@ def server(fitted_teacher):
         seen.append(json.loads(await request.body() or b"{}"))
         return await call_next(request)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started, "server did not start"
-    yield {"url": f"http://127.0.0.1:{port}/v1", "seen": seen, "model": model, "tokenizer": tokenizer}
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with running(app) as url:
+        yield {"url": f"{url}/v1", "seen": seen, "model": model, "tokenizer": tokenizer}
 
 
 def test_parse_grade_on_fixed_replies():

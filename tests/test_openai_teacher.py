@@ -4,17 +4,14 @@ stillroom's own endpoint; middleware in the test makes it fail requests or drop 
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import threading
-import time
 
 import pyarrow.parquet as pq
 import pytest
-import uvicorn
 import yaml
 from fastapi.responses import JSONResponse, Response
+from finished_runs import running
 
 from stillroom import models
 from stillroom.examples.toolcall.task import ToolCallTask
@@ -42,19 +39,8 @@ def server(tiny_model_dir):
             choice["logprobs"] = None
         return Response(json.dumps(body), status_code=response.status_code, media_type="application/json")
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started, "server did not start"
-    yield {"url": f"http://127.0.0.1:{port}/v1", "mode": app.state.mode, "model": model, "tokenizer": tokenizer}
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with running(app) as url:
+        yield {"url": f"{url}/v1", "mode": app.state.mode, "model": model, "tokenizer": tokenizer}
 
 
 @pytest.fixture(autouse=True)
