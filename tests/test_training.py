@@ -20,7 +20,9 @@ from safetensors.torch import load_file
 BASE = {
     "student": {"pruned_from": "teacher", "keep_layers": 2},
     "data": {"n_examples": 60, "layer_weights": {"core": 0.3, "failure": 0.7}, "held_out_functions": 2,
-             "mixture": {"sources": ["teacher", "reference"]}},
+             # a fixed 48 training records: two processes share every row (a row count that is not a multiple of the
+             # process count leaves the remainder out of the data-parallel epoch, by design)
+             "mixture": {"sources": ["teacher", "reference"], "size": 48}},
     "signals": {"kind": ["sequence", "logit"], "n": 2, "max_new_tokens": 16, "batch_size": 8, "shard_size": 8, "top_k": 8},
     "train": {"epochs": 2, "batch_size": 4, "max_length": 192, "kd_weight": 0.5, "reference_weight": 1.0, "lr": 1e-3},
 }  # fmt: skip
