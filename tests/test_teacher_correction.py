@@ -6,12 +6,22 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 from stillroom import atomic
 from stillroom.models import weights_hash
+
+
+def run_cli(command: str, cfg: dict, tmp_path: Path) -> Path:
+    """Write ``cfg``, run ``stillroom COMMAND`` on it (it must exit 0); returns the run folder."""
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "stillroom.cli", command, str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return Path(cfg["run"]["dir"]) / cfg["run"]["name"]
 
 
 def test_corrected_teacher_feeds_every_later_stage_and_baselines_are_measured(tmp_path, tiny_model_dir):
@@ -31,11 +41,7 @@ def test_corrected_teacher_feeds_every_later_stage_and_baselines_are_measured(tm
         "eval": {"max_examples": 8, "max_new_tokens": 8, "latency_requests": 1, "confidence": "auto", "fit_temperature": True,
                  "gates": [{"metric": "task_success", "per": "tag", "min": 0.0}]},
     }  # fmt: skip
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run([sys.executable, "-m", "stillroom.cli", "run", str(path)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = tmp_path / "runs" / "c"
+    run = run_cli("run", cfg, tmp_path)
 
     # the unlabelled pool reaches no stage with its references; the labelled pool does
     train = atomic.read_jsonl(run / "prepare" / "train.jsonl")
@@ -90,11 +96,7 @@ def test_on_policy_rounds_score_the_students_own_samples(tmp_path, tiny_model_di
                     "on_policy": {"rounds": 2, "temperature": 1.0}},
         "train": {"epochs": 1, "batch_size": 4, "max_length": 256, "on_policy_weight": 1.0, "on_policy_loss": "jsd"},
     }  # fmt: skip
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run([sys.executable, "-m", "stillroom.cli", "train", str(path)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = tmp_path / "runs" / "op"
+    run = run_cli("train", cfg, tmp_path)
     counts = json.loads((run / "train" / "manifest.json").read_text())["counts"]
     assert counts["on_policy_rounds"] == 2 and counts["on_policy_prompts"] > 0
     rounds = [pq.read_table(run / "train" / "on_policy" / f"round-{r}.parquet").to_pylist() for r in range(2)]
