@@ -80,6 +80,15 @@ def test_corrected_teacher_feeds_every_later_stage_and_baselines_are_measured(tm
     assert "## Baselines (paired differences, points)" in report and "| pool_only |" in report and "| teacher_shipped |" in report
     pool = json.loads((run / "baseline" / "manifest.json").read_text())["counts"]
     assert pool["records_by_source"] and set(k.split("/")[1] for k in pool["records_by_source"]) == {"reference"}
+    # the pool-only student's references are cleaned on their own: every labelled reference is a source, and the
+    # labelled must-decline requests keep their refusals (in `mix` the teacher's identical shaped refusal can win the tie)
+    pool_card = json.loads((run / "baseline" / "card.json").read_text())
+    pool_refs = [e for e in atomic.read_jsonl(run / "prepare" / "train_reference.jsonl") if e.get("reference") or e.get("reference_trace")]
+    dev_refs = [e for e in atomic.read_jsonl(run / "prepare" / "dev.jsonl") if e.get("reference") or e.get("reference_trace")]
+    assert pool_card["steps"]["sources"]["total"] == len(pool_refs) + len(dev_refs)
+    unsafe = {e["request"] for e in pool_refs if e["slice"] == "unsafe"}
+    assert unsafe and pool_card["steps"]["train_after_resample"]["per_slice"].get("failure/unsafe", 0) >= 1
+    assert pool["train_records"] == pool_card["steps"]["train_after_resample"]["total"]
 
 
 def test_on_policy_rounds_score_the_students_own_samples(tmp_path, tiny_model_dir):

@@ -2,9 +2,12 @@
 
 The same student as `train` (the same init: pruned from the same, corrected where `adapt` ran, teacher;
 the same recipe and epochs) trained on the labelled pool's clean references alone: no teacher
-sequences, no teacher probabilities, no teacher-labelled prompts. Evaluated beside the distilled
-student on the same held-out examples, with a paired interval for the difference. Off unless
-``baseline.pool_only``.
+sequences, no teacher probabilities, no teacher-labelled prompts. The references go through the
+mixture's own cleaning on their own (deduplicated among themselves, checked for contamination, drawn
+to the layer weights; ``baseline/card.json``): taken from the distilled mixture they would have lost
+every reference the teacher's identical label won a deduplication tie against (the policy refusal,
+above all). Evaluated beside the distilled student on the same held-out examples, with a paired
+interval for the difference. Off unless ``baseline.pool_only``.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 from stillroom import atomic
 from stillroom.plugins import registry
 from stillroom.rundir import StageContext
+from stillroom.stages.mix import clean, sources_of, split_and_weigh
+from stillroom.stages.prepare import read_examples, read_split
 from stillroom.stages.train import build_student, fit
 
 NO_TEACHER_SIGNAL = {"sft_weight": 0.0, "kd_weight": 0.0, "trace_weight": 0.0, "self_weight": 0.0, "pref_weight": 0.0, "on_policy_weight": 0.0}
@@ -24,6 +29,13 @@ def run(ctx: StageContext) -> None:
         ctx.counts["pool_only"] = False
         return
     task = registry().get("task", cfg.data.task)
-    mixture = [r for r in atomic.read_jsonl(ctx.inputs["mix"] / "mixture.jsonl") if r["source"] == "reference"]
+    examples = read_examples(ctx.inputs["prepare"], reference_only=True)
+    card: dict = {}
+    records = clean(sources_of(examples, [], [], {"reference"}, set()), examples, read_split(ctx.inputs["prepare"], "eval"),
+                    cfg.data.mixture, card)  # fmt: skip
+    train, dev = split_and_weigh(records, cfg, card)
+    atomic.write_json(ctx.dir / "card.json", card)
+    ctx.counts.update(train_records=len(train), dev_records=len(dev), contaminated=card["contamination"]["records_flagged"])
+    mixture = train + dev
     fit(ctx, cfg.train.model_copy(update=NO_TEACHER_SIGNAL), mixture, lambda texts: build_student(cfg, ctx.teacher, texts),
         task.student_messages)

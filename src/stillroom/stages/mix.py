@@ -119,21 +119,17 @@ def cap_self(records: list[dict], max_share: float, rng: random.Random) -> tuple
     return out, {"self_records": limit, "dropped": len(own) - limit, "max_share": max_share}
 
 
-def run(ctx: StageContext) -> None:
-    cfg, m = ctx.cfg, ctx.cfg.data.mixture
-    examples = read_examples(ctx.inputs["prepare"], reference_only=True)
-    evals = read_split(ctx.inputs["prepare"], "eval")
-    selected = atomic.read_jsonl(ctx.inputs["select"] / "selected.jsonl")
+def clean(records: list[dict], examples: dict, evals: list[dict], m, card: dict) -> list[dict]:
+    """Exact and near duplicates out (on prompt + target), then the contamination check against every
+    evaluation example; ``card`` gets the counts after each step, the duplicates and the hits. The
+    pool-only baseline runs its own records through this too, so its references are deduplicated
+    among themselves, not against the teacher's labels."""
 
-    # 1) sources: selected signals and clean references
-    records = sources_of(examples, selected, atomic.read_jsonl(ctx.inputs["select"] / "pairs.jsonl"), set(m.sources), set(cfg.signals.kind))
-    card = {"steps": {"sources": counts(records)}}
-
-    # 2) duplicates, on prompt + target
     def keyed(rs):  # a pair is its prompt with both sides: it never duplicates the reference it prefers
         return [(r["id"], examples[r["example_id"]]["request"] + "\n" + r["text"] + ("\n<rejected>\n" + r["rejected"] if r["source"] == "pair" else ""))
                 for r in rs]  # fmt: skip
 
+    card.setdefault("steps", {})["sources"] = counts(records)
     dups = {} if m.dedup == "none" else dedup.exact_duplicates(keyed(records))
     records = [r for r in records if r["id"] not in dups]
     card["steps"]["after_exact_dedup"] = counts(records)
@@ -142,8 +138,6 @@ def run(ctx: StageContext) -> None:
     card["steps"]["after_near_dedup"] = counts(records)
     card["duplicates"] = {"exact": len(dups), "near": len(near),
                           "examples": [{"dropped": a, "kept": b} for a, b in list({**dups, **near}.items())[:EXAMPLES_IN_CARD]]}  # fmt: skip
-
-    # 3) contamination against every evaluation example
     c = m.contamination
     kept, hits = decontaminate(records, examples, evals, c)
     flagged = {h.train_id for h in hits}
@@ -152,20 +146,40 @@ def run(ctx: StageContext) -> None:
         "by_field": dict(collections.Counter(h.field for h in hits)),
         "examples": [{"train": h.train_id, "eval": h.eval_id, "field": h.field, "containment": h.containment} for h in hits[:EXAMPLES_IN_CARD]],
     }  # fmt: skip
-    records = kept
-    card["steps"]["after_contamination"] = counts(records)
+    card["steps"]["after_contamination"] = counts(kept)
+    return kept
 
-    # 4) the cap on self-made records, then the train split drawn to the layer weights; dev kept as is
-    records, card["self_cap"] = cap_self(records, cfg.signals.self.max_share, random.Random(f"{cfg.run.seed}/self"))
+
+def split_and_weigh(records: list[dict], cfg, card: dict) -> tuple[list[dict], list[dict]]:
+    """The train split drawn to ``data.layer_weights`` (when ``data.mixture.resample``), dev kept as is."""
     train = [r for r in records if r["split"] == "train"]
     dev = [{**r, "repeat": 0} for r in records if r["split"] == "dev"]
-    if m.resample:
-        train, card["resample"] = resample(train, cfg.data.layer_weights, m.size, random.Random(cfg.run.seed))
+    if cfg.data.mixture.resample:
+        train, card["resample"] = resample(train, cfg.data.layer_weights, cfg.data.mixture.size, random.Random(cfg.run.seed))
     else:
         train = [{**r, "repeat": 0} for r in train]
     card["steps"]["train_after_resample"] = counts(train)
     card["steps"]["dev"] = counts(dev)
     card["sources_in_mixture"] = dict(collections.Counter(r["source"] for r in train))
+    return train, dev
+
+
+def run(ctx: StageContext) -> None:
+    cfg, m = ctx.cfg, ctx.cfg.data.mixture
+    examples = read_examples(ctx.inputs["prepare"], reference_only=True)
+    evals = read_split(ctx.inputs["prepare"], "eval")
+    selected = atomic.read_jsonl(ctx.inputs["select"] / "selected.jsonl")
+
+    # 1) sources: selected signals and clean references; 2) duplicates; 3) contamination
+    records = sources_of(examples, selected, atomic.read_jsonl(ctx.inputs["select"] / "pairs.jsonl"), set(m.sources), set(cfg.signals.kind))
+    card: dict = {}
+    records = clean(records, examples, evals, m, card)
+    flagged = card["contamination"]["records_flagged"]
+
+    # 4) the cap on self-made records, then the train split drawn to the layer weights; dev kept as is
+    records, card["self_cap"] = cap_self(records, cfg.signals.self.max_share, random.Random(f"{cfg.run.seed}/self"))
+    train, dev = split_and_weigh(records, cfg, card)
     atomic.write_jsonl(ctx.dir / "mixture.jsonl", train + dev)
     atomic.write_json(ctx.dir / "card.json", card)
-    ctx.counts.update(train_records=len(train), dev_records=len(dev), duplicates=len(dups) + len(near), contaminated=len(flagged))
+    ctx.counts.update(train_records=len(train), dev_records=len(dev), duplicates=card["duplicates"]["exact"] + card["duplicates"]["near"],
+                      contaminated=flagged)  # fmt: skip

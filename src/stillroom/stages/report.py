@@ -122,17 +122,18 @@ def _baselines(results: dict, models: dict) -> list[tuple]:
     pairs = [("deltas_student_vs_teacher", "distilled student - teacher"),
              ("deltas_student_vs_pool_only", "distilled student - pool-only student (same init and recipe, labelled pool alone)"),
              ("deltas_teacher_vs_shipped", "corrected teacher - teacher as shipped")]  # fmt: skip
+    tags = sorted({tag for key, _ in pairs for tag in (results.get(key) or {}).get("tag", {})})  # the example tags (unseen_function, ...)
     rows = []
     for key, label in pairs:
         d = results.get(key)
         if d:
             rows.append([label, _delta(d["all"]["all"]["task_success"]), _delta(d["all"]["all"].get("format_validity")),
-                         *[_delta(d.get("tag", {}).get(tag, {}).get("task_success")) for tag in ("unseen_function",)]])  # fmt: skip
+                         *[_delta(d.get("tag", {}).get(tag, {}).get("task_success")) for tag in tags]])  # fmt: skip
     if len(rows) < 2:
         return []
     return [("h2", "Baselines (paired differences, points)"),
             ("p", "Each row: the same held-out examples answered by both models; 95% paired bootstrap interval; ⚑ = excludes 0."),
-            ("table", ["comparison", "task success", "format validity", "task success, unseen functions"], rows)]
+            ("table", ["comparison", "task success", "format validity", *[f"task success, tag {tag}" for tag in tags]], rows)]
 
 
 def _multi_step(models: dict) -> list[tuple]:

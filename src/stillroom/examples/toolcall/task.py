@@ -24,11 +24,13 @@ import hashlib
 import json
 import random
 import re
+import sys
 from functools import cached_property
 from pathlib import Path
 
 from stillroom import toolcalls
 from stillroom.examples.toolcall import tools as trace_tools
+from stillroom.examples.toolcall import values as arg_values
 from stillroom.tasks import Verdict
 from stillroom.verifiers import is_refusal
 
@@ -53,6 +55,7 @@ RULES = (
     "after the last result, answer in one sentence quoting the ids it returned."
 )
 MULTI_STEP_SHARE = 0.3  # of core examples
+DATE_RANGES = (("start_date", "end_date"), ("pickup_date", "return_date"))
 REFUSAL = "I can't help with that."
 STUDENT_SYSTEM = "You are a function-calling assistant."
 
@@ -237,7 +240,7 @@ class ToolCallTask:
         """A hash of what the prompts and the checking depend on besides the examples: the rules, the
         worked examples, the student's system prompt and this module's code (the pipeline keys the
         stages that prompt or judge with it)."""
-        code = Path(__file__).read_bytes() + Path(trace_tools.__file__).read_bytes()
+        code = b"".join(Path(m.__file__).read_bytes() for m in (sys.modules[__name__], trace_tools, arg_values))
         return hashlib.sha256(code + json.dumps([RULES, FEW_SHOT, STUDENT_SYSTEM]).encode()).hexdigest()[:16]
 
     @cached_property
@@ -278,9 +281,12 @@ class ToolCallTask:
 
     def _call(self, rng: random.Random, tool: dict, template: str, tail_param: str | None = None) -> tuple[str, dict]:
         values = {}
+        props = tool["function"]["parameters"]["properties"]
         for p in _placeholders(template):
-            pool = tool["x-tail-values"][p] if p == tail_param else tool["x-values"][p]
-            values[p] = rng.choice(pool)
+            values[p] = rng.choice(tool["x-tail-values"][p]) if p == tail_param else arg_values.draw(rng, p, tool["x-values"][p], props[p])
+        for first, last in DATE_RANGES:  # a range's end not before its start
+            if first in values and last in values and first != tail_param and last != tail_param and values[first] > values[last]:
+                values[first], values[last] = values[last], values[first]
         return _fill(template, values), {"name": tool["function"]["name"], "arguments": values}
 
     def _example(self, rng: random.Random, layer: str, i: int, held: set[str]) -> dict:
@@ -354,7 +360,9 @@ class ToolCallTask:
         """Look up, then act on what the lookup returned, then answer quoting the action's result."""
         sc = rng.choice(trace_tools.SCENARIOS)
         template = rng.choice(sc["templates"])
-        values = {p: rng.choice(sc["values"][p]) for p in _placeholders(template)}
+        values: dict = {}
+        for p in _placeholders(template):
+            values[p] = trace_tools.scenario_value(rng, sc, p, values)
         props = lambda name: trace_tools.SPECS[name]["function"]["parameters"]["properties"]  # noqa: E731
         first = {"name": sc["lookup"], "arguments": {k: values[k] for k in props(sc["lookup"])}}
         found = trace_tools.run(first)

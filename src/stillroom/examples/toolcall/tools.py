@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
+
+from stillroom.examples.toolcall import values as arg_values
 
 
 def _code(prefix: str, *parts) -> str:
@@ -86,27 +89,31 @@ SPECS = {
 }  # fmt: skip
 
 # lookup -> act. `link`: the act argument filled from the lookup result; `result`: the act result's
-# field the final answer must quote; `final`: the reference answer.
+# field the final answer must quote; `final`: the reference answer; `draw`: placeholders drawn from the shared
+# banks (see scenario_value) rather than from `values`.
 SCENARIOS = [
     {"lookup": "find_order", "act": "cancel_order", "link": {"order_id": "order_id"}, "result": "refund_id",
      "templates": ["Find the latest order for {customer} and cancel it.", "Please cancel {customer}'s most recent order; look it up first."],
-     "values": {"customer": ["Ana Lima", "Tom Becker", "Yuki Sato", "Omar Haddad", "Lena Fischer"]},
+     "values": {}, "draw": {"customer": "person"},
      "final": "Done: order {order_id} is cancelled, refund {refund_id}."},
     {"lookup": "find_contact", "act": "send_message", "link": {"to": "email"}, "result": "message_id",
      "templates": ["Look up {name}'s email and send them: {text}", "Send {name} the message \"{text}\" - find their address first."],
-     "values": {"name": ["Priya Nair", "Jonas Berg", "Mia Rossi", "Kofi Mensah"], "text": ["Running 10 minutes late", "Lunch at noon?", "The report is ready"]},
+     "values": {"text": ["Running 10 minutes late", "Lunch at noon?", "The report is ready", "Call me when you land", "Meeting moved to 3pm",
+                         "Happy birthday!", "Can you review the draft?", "Dinner is on me tonight"]}, "draw": {"name": "person"},
      "final": "Sent to {to} (message {message_id})."},
     {"lookup": "next_flight", "act": "book_flight", "link": {"flight_id": "flight_id"}, "result": "booking_ref",
      "templates": ["Find the next flight from {origin} to {destination} and book it.", "Book me on the next {origin} to {destination} flight."],
-     "values": {"origin": ["Berlin", "Madrid", "Chicago"], "destination": ["Oslo", "Lisbon", "Denver", "Rome"]},
+     "values": {}, "draw": {"origin": "city", "destination": "city"},
      "final": "Booked flight {flight_id}, booking reference {booking_ref}."},
     {"lookup": "find_restaurant", "act": "book_table", "link": {"restaurant_id": "restaurant_id"}, "result": "reservation",
      "templates": ["Find a {cuisine} restaurant in {city} and book a table for {people}.", "Reserve a table for {people} at a {cuisine} place in {city}."],
-     "values": {"cuisine": ["thai", "italian", "mexican"], "city": ["Paris", "Austin", "Seoul"], "people": [2, 4, 6]},
+     "values": {"cuisine": ["thai", "italian", "mexican", "korean", "indian", "greek", "japanese", "lebanese"]},
+     "draw": {"city": "city", "people": "count"},
      "final": "Table for {people} booked at {restaurant_id}, reservation {reservation}."},
     {"lookup": "lookup_product", "act": "add_to_cart", "link": {"sku": "sku"}, "result": "cart_id",
      "templates": ["Add {quantity} of the {name} to my cart.", "Find the {name} and put {quantity} in my cart."],
-     "values": {"name": ["blue yoga mat", "steel water bottle", "usb-c charger"], "quantity": [1, 2, 3]},
+     "values": {"name": ["blue yoga mat", "steel water bottle", "usb-c charger", "wireless mouse", "cotton tote bag", "desk lamp",
+                         "running socks", "coffee grinder", "phone stand", "notebook set"]}, "draw": {"quantity": "count"},
      "final": "Added {quantity} x {sku} to cart {cart_id}."},
 ]  # fmt: skip
 
@@ -131,3 +138,16 @@ def run(call: dict) -> dict:
 def result_message(result: dict) -> dict:
     """A tool result as the chat turn that carries it back to the model."""
     return {"role": "tool", "content": "<tool_response>" + json.dumps(result, ensure_ascii=False) + "</tool_response>"}
+
+
+def scenario_value(rng: random.Random, scenario: dict, param: str, drawn: dict):
+    """A value for one of a scenario's placeholders: people and cities from the shared banks (the two
+    ends of a flight differ), counts from a range, the rest from the scenario's own list."""
+    kind = scenario.get("draw", {}).get(param)
+    if kind == "person":
+        return arg_values.person(rng)
+    if kind == "city":
+        return rng.choice([c for c in arg_values.CITIES if c not in drawn.values()])
+    if kind == "count":
+        return rng.randint(1, 8)
+    return rng.choice(scenario["values"][param])
