@@ -678,7 +678,9 @@ class PipelineConfig(Section):
         if self.adapt.enabled and self.teacher.backend != "hf":
             raise ValueError("adapt.enabled fine-tunes the teacher's weights: it needs a local teacher (teacher.backend: hf)")
         if self.baseline.pool_only and "reference" not in self.data.mixture.sources:
-            raise ValueError("baseline.pool_only trains on the labelled pool's references: add `reference` to data.mixture.sources")
+            raise ValueError("baseline.pool_only compares the distilled student with one trained on the labelled pool's references "
+                             "alone; the distilled student must see those references too, or the difference mixes two changes: "
+                             "add `reference` to data.mixture.sources")  # fmt: skip
         return self
 
 

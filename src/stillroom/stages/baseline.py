@@ -30,9 +30,8 @@ def run(ctx: StageContext) -> None:
         return
     task = registry().get("task", cfg.data.task)
     examples = read_examples(ctx.inputs["prepare"], reference_only=True)
-    card: dict = {}
-    records = clean(sources_of(examples, [], [], {"reference"}, set()), examples, read_split(ctx.inputs["prepare"], "eval"),
-                    cfg.data.mixture, card)  # fmt: skip
+    records, card = clean(sources_of(examples, [], [], {"reference"}, set()), examples, read_split(ctx.inputs["prepare"], "eval"),
+                          cfg.data.mixture)  # fmt: skip
     train, dev = split_and_weigh(records, cfg, card)
     atomic.write_json(ctx.dir / "card.json", card)
     ctx.counts.update(train_records=len(train), dev_records=len(dev), contaminated=card["contamination"]["records_flagged"])

@@ -119,9 +119,9 @@ def cap_self(records: list[dict], max_share: float, rng: random.Random) -> tuple
     return out, {"self_records": limit, "dropped": len(own) - limit, "max_share": max_share}
 
 
-def clean(records: list[dict], examples: dict, evals: list[dict], m, card: dict) -> list[dict]:
+def clean(records: list[dict], examples: dict, evals: list[dict], m) -> tuple[list[dict], dict]:
     """Exact and near duplicates out (on prompt + target), then the contamination check against every
-    evaluation example; ``card`` gets the counts after each step, the duplicates and the hits. The
+    evaluation example: the records kept and a card (counts after each step, duplicates, hits). The
     pool-only baseline runs its own records through this too, so its references are deduplicated
     among themselves, not against the teacher's labels."""
 
@@ -129,7 +129,7 @@ def clean(records: list[dict], examples: dict, evals: list[dict], m, card: dict)
         return [(r["id"], examples[r["example_id"]]["request"] + "\n" + r["text"] + ("\n<rejected>\n" + r["rejected"] if r["source"] == "pair" else ""))
                 for r in rs]  # fmt: skip
 
-    card.setdefault("steps", {})["sources"] = counts(records)
+    card: dict = {"steps": {"sources": counts(records)}}
     dups = {} if m.dedup == "none" else dedup.exact_duplicates(keyed(records))
     records = [r for r in records if r["id"] not in dups]
     card["steps"]["after_exact_dedup"] = counts(records)
@@ -147,7 +147,7 @@ def clean(records: list[dict], examples: dict, evals: list[dict], m, card: dict)
         "examples": [{"train": h.train_id, "eval": h.eval_id, "field": h.field, "containment": h.containment} for h in hits[:EXAMPLES_IN_CARD]],
     }  # fmt: skip
     card["steps"]["after_contamination"] = counts(kept)
-    return kept
+    return kept, card
 
 
 def split_and_weigh(records: list[dict], cfg, card: dict) -> tuple[list[dict], list[dict]]:
@@ -172,9 +172,7 @@ def run(ctx: StageContext) -> None:
 
     # 1) sources: selected signals and clean references; 2) duplicates; 3) contamination
     records = sources_of(examples, selected, atomic.read_jsonl(ctx.inputs["select"] / "pairs.jsonl"), set(m.sources), set(cfg.signals.kind))
-    card: dict = {}
-    records = clean(records, examples, evals, m, card)
-    flagged = card["contamination"]["records_flagged"]
+    records, card = clean(records, examples, evals, m)
 
     # 4) the cap on self-made records, then the train split drawn to the layer weights; dev kept as is
     records, card["self_cap"] = cap_self(records, cfg.signals.self.max_share, random.Random(f"{cfg.run.seed}/self"))
@@ -182,4 +180,4 @@ def run(ctx: StageContext) -> None:
     atomic.write_jsonl(ctx.dir / "mixture.jsonl", train + dev)
     atomic.write_json(ctx.dir / "card.json", card)
     ctx.counts.update(train_records=len(train), dev_records=len(dev), duplicates=card["duplicates"]["exact"] + card["duplicates"]["near"],
-                      contaminated=flagged)  # fmt: skip
+                      contaminated=card["contamination"]["records_flagged"])  # fmt: skip

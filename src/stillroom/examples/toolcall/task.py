@@ -24,7 +24,6 @@ import hashlib
 import json
 import random
 import re
-import sys
 from functools import cached_property
 from pathlib import Path
 
@@ -240,7 +239,7 @@ class ToolCallTask:
         """A hash of what the prompts and the checking depend on besides the examples: the rules, the
         worked examples, the student's system prompt and this module's code (the pipeline keys the
         stages that prompt or judge with it)."""
-        code = b"".join(Path(m.__file__).read_bytes() for m in (sys.modules[__name__], trace_tools, arg_values))
+        code = b"".join(Path(f).read_bytes() for f in (__file__, trace_tools.__file__, arg_values.__file__))
         return hashlib.sha256(code + json.dumps([RULES, FEW_SHOT, STUDENT_SYSTEM]).encode()).hexdigest()[:16]
 
     @cached_property

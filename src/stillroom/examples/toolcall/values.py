@@ -33,7 +33,7 @@ LAST_NAMES = [
     "Murphy", "Ali", "Hughes",
 ]  # fmt: skip
 CITY_PARAMS = {"city"}
-PERSON_PARAMS = {"patient_name", "name", "customer"}
+PERSON_PARAMS = {"patient_name", "name"}
 
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _TIME = re.compile(r"\d{2}:\d{2}")
@@ -45,7 +45,7 @@ def person(rng: random.Random) -> str:
 
 def draw(rng: random.Random, param: str, pool: list, schema: dict) -> object:
     """One value for ``param``, from its catalog ``pool`` widened by the values' kind (see the module)."""
-    if "enum" in schema or not pool:
+    if "enum" in schema:
         return rng.choice(pool)
     if param in CITY_PARAMS and all(isinstance(v, str) for v in pool):
         return rng.choice(sorted(set(pool) | set(CITIES)))
