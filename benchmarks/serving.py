@@ -34,6 +34,7 @@ def main() -> None:
     import yaml
 
     from stillroom import models
+    from stillroom.engines import TorchEngine
     from stillroom.metrics import percentile
     from stillroom.plugins import registry
     from stillroom.serve import Slot, _teacher, answer
@@ -55,10 +56,10 @@ def main() -> None:
     int8_model, _ = models.load_quantized(student_dir, "int8_dynamic", smoothing=smoothing)
     routed = int8_model if results["cascade"].get("student", "student") != "student" else float_model
     slots = {
-        "teacher_with_context": (Slot("teacher", teacher[0], teacher[1], 0.0), lambda e: task.teacher_messages(e, cfg["teacher"]["context"])),
-        "student": (Slot("student", float_model, tokenizer, 0.0), task.student_messages),
-        "student_int8": (Slot("student_int8", int8_model, tokenizer, 0.0), task.student_messages),
-        "cascade": (Slot("cascade", routed, tokenizer, 0.0, cascade=cascade, teacher=teacher, to_teacher=task.with_teacher_context),
+        "teacher_with_context": (Slot("teacher", teacher[0], 0.0), lambda e: task.teacher_messages(e, cfg["teacher"]["context"])),
+        "student": (Slot("student", TorchEngine(float_model, tokenizer), 0.0), task.student_messages),
+        "student_int8": (Slot("student_int8", TorchEngine(int8_model, tokenizer), 0.0), task.student_messages),
+        "cascade": (Slot("cascade", TorchEngine(routed, tokenizer), 0.0, cascade=cascade, teacher=teacher, to_teacher=task.with_teacher_context),
                     task.student_messages),
     }  # fmt: skip
     out = {}

@@ -272,14 +272,26 @@ def serve(
     port: int = typer.Option(8000, min=0, max=65535, help="Port (0: any free one)."),
     poll: float = typer.Option(0.5, min=0.01, max=3600, help="Seconds between alias checks (hot swap)."),
     cascade: bool = typer.Option(True, help="Serve the version's fitted cascade (student first, teacher when unsure) when it has one."),
+    engine: str = typer.Option("torch", help="torch (the student as registered) or llamacpp (its exported GGUF; extra `llamacpp`)."),
+    gguf_format: str = typer.Option("q8_0", "--gguf-format", help="llamacpp: which exported GGUF to serve (f16, q8_0, q4_0)."),
 ) -> None:  # fmt: skip
     """OpenAI-compatible /v1/chat/completions for a registry alias (single model or cascade), with
     /health, /metrics (counts, latency histogram, escalations) and hot swap."""
+    from stillroom import engines
     from stillroom import registry as reg
     from stillroom.serve import serve as run_server
 
-    _registry_call(reg.verify, _registry_call(reg.resolve, registry, alias))  # a clear error before anything loads
-    run_server(registry, alias, host, port, poll, cascade)
+    if engine not in engines.ENGINES:
+        err.print(f"[red]error[/red] --engine {engine}: one of {', '.join(engines.ENGINES)}")
+        raise typer.Exit(2)
+    version = _registry_call(reg.resolve, registry, alias)
+    _registry_call(reg.verify, version)  # a clear error before anything loads
+    if engine == "llamacpp":
+        _registry_call(reg.gguf_file, version, gguf_format)
+        if problem := engines.llamacpp_available():
+            err.print(f"[red]error[/red] {problem}")
+            raise typer.Exit(2)
+    run_server(registry, alias, host, port, poll, cascade, engine, gguf_format)
 
 
 if __name__ == "__main__":
