@@ -56,3 +56,35 @@ def test_llamacpp_gives_the_torch_models_next_token_distribution(tmp_path, tiny_
     assert again.token_ids == got.token_ids and again.token_logprobs == pytest.approx(got.token_logprobs, abs=1e-4)
     sampled = [llama_engine.complete([conversation], Sampling(6, True, 1.0, 0.9), [s], 0)[0].token_ids for s in (1, 1, 2)]
     assert sampled[0] == sampled[1]  # one stream per seed
+
+
+def test_eval_measures_teacher_and_students_on_llamacpp(tmp_path, tiny_model_dir):
+    """The eval stage with ``eval.engine: llamacpp`` on a tiny run's stage outputs: the teacher, the float
+    student (f16) and the quantized student (q8_0) all answered by llama.cpp, on the same examples."""
+    import json
+
+    from test_gguf_export import tiny_llama
+
+    from stillroom import atomic
+    from stillroom.config import PipelineConfig
+    from stillroom.plugins import registry
+    from stillroom.rundir import StageContext
+    from stillroom.stages import evaluate
+
+    cfg = PipelineConfig.model_validate({
+        "teacher": {"model": str(tiny_model_dir), "context": "none"},
+        "eval": {"engine": "llamacpp", "max_examples": 3, "max_new_tokens": 6, "latency_requests": 1, "batch_size": 2},
+    })  # fmt: skip
+    run = tmp_path / "run"
+    examples = registry().get("task", "toolcall").build_examples(12, cfg.data.layer_weights, 0, 2)
+    atomic.write_jsonl(run / "prepare" / "eval.jsonl", examples)
+    tiny_llama(tiny_model_dir, run / "train" / "model", tied=True)
+    atomic.write_json(run / "compress" / "recipe.json", {"method": "none"})
+    inputs = {name: run / name for name in ("prepare", "train", "compress", "baseline", "adapt", "mix")}
+    ctx = StageContext("eval", run / "eval", cfg, inputs, key="test", teacher=cfg.teacher)
+    evaluate.run(ctx)
+    results = json.loads((run / "eval" / "results.json").read_text())["models"]
+    assert set(results) == {"teacher", "student", "student_q8_0"}
+    assert all(r["engine"] == "llamacpp" and r["examples"] == 3 and r["weight_mb"] > 0 for r in results.values())
+    assert results["student_q8_0"]["weight_mb"] < results["student"]["weight_mb"]
+    assert not list(run.rglob("*.gguf"))  # the GGUF files lived in a scratch folder

@@ -26,6 +26,10 @@ from stillroom.generation import Generated
 from stillroom.teachers import Sampling
 
 ENGINES = ("torch", "llamacpp")
+# llama.cpp calls from different threads on different models (a hot swap loads a version while the old one
+# still decodes) crashed the process here (a segfault in decode); every load, decode step and close holds this lock.
+# Steps are short, so a swap still loads between two tokens of a long request.
+_LLAMA_CALLS = threading.RLock()  # reentrant: a garbage-collected engine may close inside a held section
 
 
 class Engine(Protocol):
@@ -104,7 +108,8 @@ class LlamaCppEngine:
 
         self.path, self.tokenizer = Path(gguf_path), tokenizer
         threads = n_threads or torch.get_num_threads()  # the same threads as the torch engine: like with like
-        self.llm = Llama(model_path=str(self.path), n_ctx=n_ctx or 0, n_threads=threads, n_threads_batch=threads, verbose=False)
+        with _LLAMA_CALLS:
+            self.llm = Llama(model_path=str(self.path), n_ctx=n_ctx or 0, n_threads=threads, n_threads_batch=threads, verbose=False)
         self.context_length = self.llm.n_ctx()
         self.eot = end_of_turn_id(tokenizer)
         self.n_vocab = self.llm.n_vocab()
@@ -117,12 +122,23 @@ class LlamaCppEngine:
         with self.lock:
             return [self._one(generation.render(self.tokenizer, c), sampling, seed, top_k) for c, seed in zip(conversations, seeds)]
 
+    def __del__(self):
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            with _LLAMA_CALLS:
+                llm.close()
+
+    def forget(self) -> None:
+        """Reuse no cached prefix for the next request (a cold request, as eval's latency pass times them)."""
+        with self.lock:
+            self.cached = []
+
     def _logits(self) -> np.ndarray:
         return np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.n_vocab,)).astype(np.float32)
 
-    def _prefill(self, ids: list[int]) -> None:
+    def _prefill(self, ids: list[int]) -> np.ndarray:
         """Evaluate ``ids``, keeping the cached keys and values of the longest prefix shared with the
-        previous sequence (at least the last token is evaluated, for its logits)."""
+        previous sequence (at least the last token is evaluated, for its logits). Returns the last logits."""
         common = 0
         for a, b in zip(self.cached, ids[:-1]):
             if a != b:
@@ -130,18 +146,20 @@ class LlamaCppEngine:
             common += 1
         self.llm.n_tokens = common  # eval drops the cache past n_tokens before it decodes
         self.cached = self.cached[:common]
-        self.llm.eval(ids[common:])
+        with _LLAMA_CALLS:
+            self.llm.eval(ids[common:])
+            logits = self._logits()
         self.cached = list(ids)
+        return logits
 
     def _one(self, prompt: str, sampling: Sampling, seed: int, top_k: int) -> Generated:
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if len(ids) >= self.context_length:
             raise ValueError(f"the prompt is {len(ids)} tokens; the llama.cpp context holds {self.context_length}")
-        self._prefill(ids)
+        logits = self._prefill(ids)
         rng = np.random.default_rng(seed)
         new, lps, tk_ids, tk_lps, finished = [], [], [], [], False
         for _ in range(min(sampling.max_new_tokens, self.context_length - len(ids))):
-            logits = self._logits()
             token = _draw(logits, sampling, rng)
             if top_k > 0:
                 logp = _log_softmax(logits)
@@ -153,7 +171,9 @@ class LlamaCppEngine:
                 finished = True
                 break
             new.append(token)
-            self.llm.eval([token])
+            with _LLAMA_CALLS:
+                self.llm.eval([token])
+                logits = self._logits()
             self.cached.append(token)
         text = self.tokenizer.decode(new, skip_special_tokens=False)
         extra = {"token_logprobs": lps, "topk_ids": tk_ids, "topk_logprobs": tk_lps} if top_k > 0 else {}

@@ -102,7 +102,9 @@ def latency_pass(label, endpoint, messages_of, examples, n, max_new_tokens) -> l
         for e in examples[:n]:
             if local is not None:  # cold request: no prefix cache, the whole prompt processed
                 seconds, _ = generation.timed_request(local, endpoint.tokenizer, messages_of(e), max_new_tokens, toolcalls.parse)
-            else:  # remote: HTTP included
+            else:  # remote (HTTP included) or llama.cpp in process
+                if hasattr(endpoint, "forget"):  # llama.cpp: a cold request too, no prefix reused
+                    endpoint.forget()
                 t1 = time.perf_counter()
                 toolcalls.parse(endpoint.complete([messages_of(e)], Sampling(max_new_tokens), [0], 0)[0].text)
                 seconds = time.perf_counter() - t1
