@@ -17,6 +17,7 @@ Log-probs (``top_k`` > 0) are of the untempered distribution on both.
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -26,10 +27,7 @@ from stillroom.generation import Generated
 from stillroom.teachers import Sampling
 
 ENGINES = ("torch", "llamacpp")
-# llama.cpp calls from different threads on different models (a hot swap loads a version while the old one
-# still decodes) crashed the process here (a segfault in decode); every load, decode step and close holds this lock.
-# Steps are short, so a swap still loads between two tokens of a long request.
-_LLAMA_CALLS = threading.RLock()  # reentrant: a garbage-collected engine may close inside a held section
+_LOADING = threading.Lock()  # _model_params swaps a module attribute for the length of one load
 
 
 class Engine(Protocol):
@@ -91,13 +89,38 @@ def _draw(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> i
     return int(rng.choice(len(p), p=p / p.sum()))
 
 
+@contextmanager
+def _model_params(extra_buffers: bool):
+    """llama.cpp's model parameters with ``use_extra_bufts`` as asked. Its extra buffer types hold weights
+    repacked for the CPU's matrix units (AMX, interleaved SIMD layouts); on this machine kind (a VM whose
+    CPU reports AMX-INT8) a build with ``GGML_NATIVE=ON`` crashed with a general protection fault at
+    ``ldtilecfg`` on every quantized matmul, while plain buffers serve the same files. llama-cpp-python's
+    ``Llama`` does not take this parameter, so its defaults are wrapped for the duration of one load."""
+    import llama_cpp.llama_cpp as lib
+
+    default = lib.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = extra_buffers
+        return p
+
+    lib.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = default
+
+
 class LlamaCppEngine:
     """A GGUF file on llama.cpp. ``tokenizer``: the Hugging Face tokenizer the model was trained with
-    (the registry version's, or read from the GGUF by transformers)."""
+    (the registry version's, or read from the GGUF by transformers). ``extra_buffers``: let llama.cpp
+    repack weights for AMX / SIMD kernels (off by default: see ``_model_params``)."""
 
     name = "llamacpp"
 
-    def __init__(self, gguf_path: str | Path, tokenizer, n_ctx: int | None = None, n_threads: int | None = None):
+    def __init__(self, gguf_path: str | Path, tokenizer, n_ctx: int | None = None, n_threads: int | None = None,
+                 extra_buffers: bool = False):  # fmt: skip
         problem = llamacpp_available()
         if problem:
             raise RuntimeError(problem)
@@ -108,7 +131,7 @@ class LlamaCppEngine:
 
         self.path, self.tokenizer = Path(gguf_path), tokenizer
         threads = n_threads or torch.get_num_threads()  # the same threads as the torch engine: like with like
-        with _LLAMA_CALLS:
+        with _LOADING, _model_params(extra_buffers):
             self.llm = Llama(model_path=str(self.path), n_ctx=n_ctx or 0, n_threads=threads, n_threads_batch=threads, verbose=False)
         self.context_length = self.llm.n_ctx()
         self.eot = end_of_turn_id(tokenizer)
@@ -121,12 +144,6 @@ class LlamaCppEngine:
 
         with self.lock:
             return [self._one(generation.render(self.tokenizer, c), sampling, seed, top_k) for c, seed in zip(conversations, seeds)]
-
-    def __del__(self):
-        llm = getattr(self, "llm", None)
-        if llm is not None:
-            with _LLAMA_CALLS:
-                llm.close()
 
     def forget(self) -> None:
         """Reuse no cached prefix for the next request (a cold request, as eval's latency pass times them)."""
@@ -146,9 +163,8 @@ class LlamaCppEngine:
             common += 1
         self.llm.n_tokens = common  # eval drops the cache past n_tokens before it decodes
         self.cached = self.cached[:common]
-        with _LLAMA_CALLS:
-            self.llm.eval(ids[common:])
-            logits = self._logits()
+        self.llm.eval(ids[common:])
+        logits = self._logits()
         self.cached = list(ids)
         return logits
 
@@ -171,9 +187,8 @@ class LlamaCppEngine:
                 finished = True
                 break
             new.append(token)
-            with _LLAMA_CALLS:
-                self.llm.eval([token])
-                logits = self._logits()
+            self.llm.eval([token])
+            logits = self._logits()
             self.cached.append(token)
         text = self.tokenizer.decode(new, skip_special_tokens=False)
         extra = {"token_logprobs": lps, "topk_ids": tk_ids, "topk_logprobs": tk_lps} if top_k > 0 else {}
