@@ -56,6 +56,12 @@ def test_llamacpp_gives_the_torch_models_next_token_distribution(tmp_path, tiny_
     assert again.token_ids == got.token_ids and again.token_logprobs == pytest.approx(got.token_logprobs, abs=1e-4)
     sampled = [llama_engine.complete([conversation], Sampling(6, True, 1.0, 0.9), [s], 0)[0].token_ids for s in (1, 1, 2)]
     assert sampled[0] == sampled[1]  # one stream per seed
+    # the file's own tokenizer (what llama.cpp, Ollama or LM Studio use) splits text as the Hugging Face one does
+    from stillroom import generation
+
+    text = generation.render(llama_engine.tokenizer, conversation + [{"role": "assistant", "content": "Call get_zip(code=94107) now, café!"}])
+    hf_ids = llama_engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert llama_engine.llm.tokenize(text.encode(), add_bos=False, special=True) == hf_ids
 
 
 def test_eval_measures_teacher_and_students_on_llamacpp(tmp_path, tiny_model_dir):
