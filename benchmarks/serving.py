@@ -1,6 +1,6 @@
 """Serving figures of a finished run, all variants on the same requests in the same run.
 
-    python benchmarks/serving.py [--run runs/demo] [--requests 24]
+    python benchmarks/serving.py [--run runs/demo] [--requests 24] [--engines torch llamacpp] [--gguf-formats q8_0 q4_0]
 
 Variants, each through the server's own answer path (``stillroom.serve.answer``: render, tokenize,
 generate, decode; HTTP excluded), one request at a time:
@@ -9,9 +9,17 @@ generate, decode; HTTP excluded), one request at a time:
 - ``student``: the float student; ``student_int8``: the same student with int8 dynamic quantization;
 - ``cascade``: the run's fitted cascade (eval/results.json), student first, teacher when unsure.
 
-Requests are the run's held-out examples (the student's view of each). Prints JSON: p50 / p95
-latency, requests/s, task success and (cascade) teacher share per variant, and the speed ratio of
-the quantized student to the float one measured in this run.
+With ``llamacpp`` among ``--engines`` (llama-cpp-python installed), on llama.cpp:
+
+- ``teacher_with_context_llamacpp``: the teacher's GGUF with its context: the default teacher's file as
+  shipped (Q4_1), another teacher folder exported to ``--teacher-format``;
+- ``student_llamacpp_<format>``: the student exported to each of ``--gguf-formats`` (smoothing folded).
+
+The llamacpp engine reuses the KV cache of the prefix a request shares with the previous one (the
+teacher's few-shot context is computed once, as a llama.cpp server with prompt caching does); the torch
+rows process every prompt whole, as `stillroom serve` on torch does. Requests are the run's held-out
+examples (the student's view of each). Prints JSON: p50 / p95 latency, requests/s, task success and
+(cascade) teacher share per variant, and speed ratios measured in this run.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,12 +37,16 @@ def main() -> None:
     ap.add_argument("--run", default="runs/demo")
     ap.add_argument("--requests", type=int, default=24)
     ap.add_argument("--max-tokens", type=int, default=80)
+    ap.add_argument("--engines", nargs="+", default=["torch", "llamacpp"], choices=["torch", "llamacpp"])
+    ap.add_argument("--gguf-formats", nargs="+", default=["q8_0", "q4_0"], choices=["f16", "q8_0", "q4_0"])
+    ap.add_argument("--teacher-format", default="q8_0", choices=["f16", "q8_0", "q4_0"], help="a non-default teacher's GGUF format")
     args = ap.parse_args()
 
     import torch
     import yaml
 
     from stillroom import models
+    from stillroom.engines import TorchEngine, llamacpp_available
     from stillroom.metrics import percentile
     from stillroom.plugins import registry
     from stillroom.serve import Slot, _teacher, answer
@@ -45,22 +58,47 @@ def main() -> None:
     task = registry().get("task", cfg["data"]["task"])
     examples = read_split(run / "prepare", cfg["eval"]["split"])[: args.requests]
     results = json.loads((run / "eval" / "results.json").read_text())
-    if "cascade" not in results:
-        raise SystemExit(f"{run} has no fitted cascade: run it with route.enabled: true")
-    cascade = {k: results["cascade"][k] for k in ("threshold", "signal", "verifier")}
-    teacher = _teacher(cfg["teacher"])
+    cascade = {k: results["cascade"][k] for k in ("threshold", "signal", "verifier")} if "cascade" in results else None
+    with_context = lambda e: task.teacher_messages(e, cfg["teacher"]["context"])  # noqa: E731
     student_dir = str(run / "train" / "model")
-    float_model, tokenizer = models.load(student_dir)
-    _, smoothing = read_recipe(run / "compress")
-    int8_model, _ = models.load_quantized(student_dir, "int8_dynamic", smoothing=smoothing)
-    routed = int8_model if results["cascade"].get("student", "student") != "student" else float_model
-    slots = {
-        "teacher_with_context": (Slot("teacher", teacher[0], teacher[1], 0.0), lambda e: task.teacher_messages(e, cfg["teacher"]["context"])),
-        "student": (Slot("student", float_model, tokenizer, 0.0), task.student_messages),
-        "student_int8": (Slot("student_int8", int8_model, tokenizer, 0.0), task.student_messages),
-        "cascade": (Slot("cascade", routed, tokenizer, 0.0, cascade=cascade, teacher=teacher, to_teacher=task.with_teacher_context),
-                    task.student_messages),
-    }  # fmt: skip
+    smoothing = read_recipe(run / "compress")[1] if (run / "compress" / "recipe.json").exists() else None
+    slots, notes = {}, {}
+    if "torch" in args.engines:
+        teacher = _teacher(cfg["teacher"])
+        float_model, tokenizer = models.load(student_dir)
+        int8_model, _ = models.load_quantized(student_dir, "int8_dynamic", smoothing=smoothing)
+        slots["teacher_with_context"] = (Slot("teacher", teacher[0], 0.0), with_context)
+        slots["student"] = (Slot("student", TorchEngine(float_model, tokenizer), 0.0), task.student_messages)
+        slots["student_int8"] = (Slot("student_int8", TorchEngine(int8_model, tokenizer), 0.0), task.student_messages)
+        if cascade is not None:
+            routed = int8_model if results["cascade"].get("student", "student") != "student" else float_model
+            slots["cascade"] = (Slot("cascade", TorchEngine(routed, tokenizer), 0.0, cascade=cascade, teacher=teacher,
+                                     to_teacher=task.with_teacher_context), task.student_messages)  # fmt: skip
+        else:
+            notes["cascade"] = f"{run} has no fitted cascade (route.enabled: false)"
+    scratch = tempfile.TemporaryDirectory(prefix="stillroom-bench-gguf-")
+    if "llamacpp" in args.engines and llamacpp_available() is not None:
+        notes["llamacpp"] = llamacpp_available()
+    elif "llamacpp" in args.engines:
+        from transformers import AutoTokenizer
+
+        from stillroom import export
+        from stillroom.engines import LlamaCppEngine
+
+        t_spec = cfg["teacher"]
+        if t_spec.get("backend", "hf") == "hf":
+            t_dir = models.resolve(t_spec["model"])
+            if t_spec["model"] == "default":
+                t_gguf, notes["teacher_gguf"] = models.default_gguf(), "as shipped (Q4_1)"
+            else:
+                t_gguf = export.export_model(t_dir, Path(scratch.name) / "teacher", [args.teacher_format])[args.teacher_format]
+                notes["teacher_gguf"] = f"{t_dir} exported to {args.teacher_format}"
+            slots["teacher_with_context_llamacpp"] = (Slot("teacher", LlamaCppEngine(t_gguf, AutoTokenizer.from_pretrained(t_dir)), 0.0),
+                                                      with_context)  # fmt: skip
+        s_tokenizer = AutoTokenizer.from_pretrained(student_dir)
+        written = export.export_model(student_dir, Path(scratch.name) / "student", args.gguf_formats, smoothing)
+        for fmt, path in written.items():
+            slots[f"student_llamacpp_{fmt}"] = (Slot(fmt, LlamaCppEngine(path, s_tokenizer), 0.0), task.student_messages)
     out = {}
     for name, (slot, messages_of) in slots.items():
         answer(slot, messages_of(examples[0]), 4)  # warm-up, not counted
@@ -73,15 +111,25 @@ def main() -> None:
             successes.append(task.check(e, a.text).passed)
             escalated += a.served_by == "teacher"
         total = time.perf_counter() - started
-        out[name] = {"p50_ms": round(1000 * percentile(latencies, 50), 1), "p95_ms": round(1000 * percentile(latencies, 95), 1),
-                     "requests_per_s": round(len(examples) / total, 3), "task_success": round(statistics.fmean(successes), 4)}  # fmt: skip
+        out[name] = {"engine": slot.engine.name, "p50_ms": round(1000 * percentile(latencies, 50), 1),
+                     "p95_ms": round(1000 * percentile(latencies, 95), 1), "requests_per_s": round(len(examples) / total, 3),
+                     "task_success": round(statistics.fmean(successes), 4)}  # fmt: skip
         if name == "cascade":
             out[name]["teacher_share"] = round(escalated / len(examples), 4)
-    ratios = {"student_int8_speedup_p50": round(out["student"]["p50_ms"] / out["student_int8"]["p50_ms"], 3),
-              "student_int8_speedup_requests_per_s": round(out["student_int8"]["requests_per_s"] / out["student"]["requests_per_s"], 3),
-              "student_speedup_vs_teacher_p50": round(out["teacher_with_context"]["p50_ms"] / out["student"]["p50_ms"], 3)}  # fmt: skip
+    scratch.cleanup()
+
+    def ratio(a, b, key="p50_ms"):  # how many times faster a is than b
+        return round(out[b][key] / out[a][key], 3) if a in out and b in out else None
+
+    ratios = {"student_int8_speedup_p50": ratio("student_int8", "student"),
+              "student_int8_speedup_requests_per_s": ratio("student", "student_int8", "requests_per_s"),
+              "student_speedup_vs_teacher_p50": ratio("student", "teacher_with_context")}  # fmt: skip
+    for fmt in args.gguf_formats:
+        ratios[f"student_llamacpp_{fmt}_speedup_vs_teacher_llamacpp_p50"] = ratio(f"student_llamacpp_{fmt}", "teacher_with_context_llamacpp")
+        ratios[f"student_llamacpp_{fmt}_speedup_vs_student_int8_p50"] = ratio(f"student_llamacpp_{fmt}", "student_int8")
     print(json.dumps({"benchmark": "serving", "run": str(run), "requests": len(examples), "max_tokens": args.max_tokens,
-                      "cascade": cascade, "threads": torch.get_num_threads(), "results": out, "ratios": ratios}, indent=2))  # fmt: skip
+                      "cascade": cascade, "threads": torch.get_num_threads(), "results": out,
+                      "ratios": {k: v for k, v in ratios.items() if v is not None}, "notes": notes}, indent=2))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -113,14 +113,16 @@ def running(app):
 
 
 @contextmanager
-def serving(reg: Path, runs: list[Path]):
+def serving(reg: Path, runs: list[Path], engine: str = "torch"):
     """A registry holding ``runs`` as v1, v2, ... with production on v1, served over real HTTP (the
-    watcher polls every 50 ms); yields the URL."""
-    from stillroom import registry
+    watcher polls every 50 ms) on ``engine`` (llamacpp: each version exported to q8_0 first); yields the URL."""
+    from stillroom import export, registry
     from stillroom.serve import create_app
 
     for run in runs:
-        registry.register(reg, run)
+        v = registry.register(reg, run)
+        if engine == "llamacpp":
+            export.export_version(reg, v["name"], ["q8_0"])
     registry.promote(reg, "v1")
-    with running(create_app(reg, "production", poll_s=0.05)) as url:
+    with running(create_app(reg, "production", poll_s=0.05, engine=engine)) as url:
         yield url

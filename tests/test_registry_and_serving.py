@@ -211,7 +211,7 @@ def test_the_int8_recipe_and_its_smoothing_scales_travel_with_the_version(tmp_pa
     assert version["serving"]["quantize"] == "int8_dynamic"
     kept = Path(version["serving"]["smoothing"])
     assert kept.is_relative_to(tmp_path / "registry") and kept.read_bytes() == (run / "compress" / "smoothing.safetensors").read_bytes()
-    served = load_slot(version, cascade=False).model
+    served = load_slot(version, cascade=False).engine.model
     want, _ = models.load_quantized(str(run / "train" / "model"), "int8_dynamic", smoothing=run / "compress" / "smoothing.safetensors")
     unsmoothed, _ = models.load_quantized(str(run / "train" / "model"), "int8_dynamic")
     ids = torch.tensor([[5, 6, 7, 8]])

@@ -235,19 +235,63 @@ def registry_history(registry: Path = RegistryOpt) -> None:
 
 
 @app.command()
+def export(
+    source: str = typer.Argument(..., help="A run folder (its train/model), a model folder, or a registry version or alias (with -r)."),
+    registry: Path = RegistryOpt,
+    format: Optional[list[str]] = typer.Option(None, "--format", "-f", help="f16, q8_0, q4_0 (repeat the option; default: all three)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder for a run or model folder (default: RUN/export)."),
+) -> None:  # fmt: skip
+    """Write the student as GGUF files for llama.cpp (SmoothQuant scales folded first). A registry
+    version keeps them in its folder (gguf/) with their sha256, checked on load like its weights."""
+    from stillroom import export as ex
+
+    formats = format or list(ex.DEFAULT_FORMATS)
+    unknown = [f for f in formats if f not in ex.FORMATS]
+    if unknown:
+        err.print(f"[red]error[/red] --format {', '.join(unknown)}: one of {', '.join(ex.FORMATS)}")
+        raise typer.Exit(2)
+    folder = Path(source)
+    try:
+        if (folder / "train" / "model").is_dir():
+            written = ex.export_run(folder, out, formats)
+        elif (folder / "config.json").is_file():
+            written = ex.export_model(folder, out or folder / "export", formats, name=folder.name)
+        else:
+            version = _registry_call(ex.export_version, registry, source, formats)
+            written = {fmt: Path(version["model_path"]).parent / rel for fmt, rel in version["serving"]["gguf"].items() if fmt in formats}
+    except ex.ExportError as e:
+        err.print(f"[red]error[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    for fmt, path in written.items():
+        err.print(f"{fmt}: {path} ({path.stat().st_size / 2**20:.1f} MB)")
+
+
+@app.command()
 def serve(
     registry: Path = RegistryOpt, alias: str = AliasOpt, host: str = typer.Option("127.0.0.1", help="Interface to bind."),
     port: int = typer.Option(8000, min=0, max=65535, help="Port (0: any free one)."),
     poll: float = typer.Option(0.5, min=0.01, max=3600, help="Seconds between alias checks (hot swap)."),
     cascade: bool = typer.Option(True, help="Serve the version's fitted cascade (student first, teacher when unsure) when it has one."),
+    engine: str = typer.Option("torch", help="torch (the student as registered) or llamacpp (its exported GGUF; extra `llamacpp`)."),
+    gguf_format: str = typer.Option("q8_0", "--gguf-format", help="llamacpp: which exported GGUF to serve (f16, q8_0, q4_0)."),
 ) -> None:  # fmt: skip
     """OpenAI-compatible /v1/chat/completions for a registry alias (single model or cascade), with
     /health, /metrics (counts, latency histogram, escalations) and hot swap."""
+    from stillroom import engines
     from stillroom import registry as reg
     from stillroom.serve import serve as run_server
 
-    _registry_call(reg.verify, _registry_call(reg.resolve, registry, alias))  # a clear error before anything loads
-    run_server(registry, alias, host, port, poll, cascade)
+    if engine not in engines.ENGINES:
+        err.print(f"[red]error[/red] --engine {engine}: one of {', '.join(engines.ENGINES)}")
+        raise typer.Exit(2)
+    version = _registry_call(reg.resolve, registry, alias)
+    _registry_call(reg.verify, version)  # a clear error before anything loads
+    if engine == "llamacpp":
+        _registry_call(reg.gguf_file, version, gguf_format)
+        if problem := engines.llamacpp_available():
+            err.print(f"[red]error[/red] {problem}")
+            raise typer.Exit(2)
+    run_server(registry, alias, host, port, poll, cascade, engine, gguf_format)
 
 
 if __name__ == "__main__":

@@ -581,6 +581,19 @@ class EvalConfig(Section):
     shipped_teacher: bool = True  # with adapt.enabled: also measure the teacher as shipped (uncorrected)
     shipped_teacher_context: Literal["few_shot", "none"] = "few_shot"  # ... prompted with this context
     shipped_teacher_examples: int | None = Field(None, ge=1)  # ... on the first N examples only (its long prompts are the costliest pass)
+    # the engine every local model is measured on: torch (transformers; the quantized student is compress.quantize), or llamacpp
+    # (each model exported to GGUF f16, the quantized student to gguf_quantize; needs the extra `llamacpp`), so models compare like with like
+    engine: Literal["torch", "llamacpp"] = "torch"
+    gguf_quantize: Literal["q8_0", "q4_0"] = "q8_0"  # llamacpp: the quantized student's GGUF format
+
+    @field_validator("engine")
+    @classmethod
+    def _engine_installed(cls, v: str) -> str:
+        import importlib.util
+
+        if v == "llamacpp" and importlib.util.find_spec("llama_cpp") is None:
+            raise ValueError("llamacpp needs llama-cpp-python: pip install 'stillroom[llamacpp]' (it builds llama.cpp from source)")
+        return v
 
     @field_validator("previous")
     @classmethod

@@ -42,11 +42,13 @@ class ChatRequest(BaseModel):
 
 def create_app(model, tokenizer, model_name: str) -> FastAPI:
     from stillroom import generation
+    from stillroom.engines import TorchEngine
     from stillroom.serve import context_problem
 
     app = FastAPI(title="stillroom teacher endpoint")
     app.add_middleware(Guard, max_body=MAX_BODY_BYTES, observe=lambda *_: None)  # body cap and JSON 500s
     lock = threading.Lock()  # one model, one forward at a time
+    engine = TorchEngine(model, tokenizer)  # for context_problem
 
     def token_name(token_id: int, as_ids: bool) -> str:
         return f"token_id:{token_id}" if as_ids else tokenizer.convert_ids_to_tokens(token_id)
@@ -60,7 +62,7 @@ def create_app(model, tokenizer, model_name: str) -> FastAPI:
         if req.model != model_name:
             raise HTTPException(404, f"unknown model {req.model!r}; this server serves {model_name!r}")
         messages = [m.model_dump() for m in req.messages]
-        too_long = context_problem(model, tokenizer, messages, req.max_tokens)
+        too_long = context_problem(engine, messages, req.max_tokens)
         if too_long:
             raise HTTPException(400, too_long)
         prompt = generation.render(tokenizer, messages)

@@ -350,6 +350,34 @@ def rollback(root: Path, alias: str = "production", force: bool = False, reason:
         return target
 
 
+def add_gguf(root: Path, name: str, written: dict[str, Path]) -> dict:
+    """Move exported GGUF files (``{format: path}``, written beside the registry) into version ``name``'s
+    ``gguf/`` folder and record them: their sha256 joins the version's file hashes (``verify`` checks
+    them like the weights) and ``serving.gguf`` maps each format to its path in the version folder.
+    Re-exporting a format replaces its file. Hashing happens before the write lock is taken."""
+    hashes = {f"gguf/{Path(p).name}": sha256_file(Path(p)) for p in written.values()}
+    with connect(root) as conn:
+        v = _version(conn, name)
+        folder = Path(v["model_path"]).parent
+        (folder / "gguf").mkdir(exist_ok=True)
+        for p in written.values():
+            os.replace(p, folder / "gguf" / Path(p).name)
+        files = {**json.loads(v["files"] or "{}"), **hashes}
+        serving = dict(v["serving"], gguf={**(v["serving"].get("gguf") or {}), **{fmt: f"gguf/{Path(p).name}" for fmt, p in written.items()}})
+        conn.execute("UPDATE versions SET files = ?, serving = ? WHERE id = ?", (json.dumps(files), json.dumps(serving), v["id"]))
+        _event(conn, "export", to_version=v["id"], reason=", ".join(sorted(written)))
+        return _row(conn.execute("SELECT * FROM versions WHERE id = ?", (v["id"],)).fetchone())
+
+
+def gguf_file(version: dict, fmt: str) -> Path:
+    """The path of version's exported GGUF in ``fmt``; a clear error when it was not exported."""
+    exported = (version.get("serving") or {}).get("gguf") or {}
+    if fmt not in exported:
+        raise RegistryError(f"version {version['name']} has no {fmt} GGUF (exported: {', '.join(sorted(exported)) or 'none'}); "
+                            f"`stillroom export {version['name']} -r REGISTRY --format {fmt}` writes it")  # fmt: skip
+    return Path(version["model_path"]).parent / exported[fmt]
+
+
 def model_folder(spec: str, root: str | Path) -> str:
     """A model given in the config: a folder as is, or ``registry:ALIAS`` (or ``registry:vN``), the model
     folder of that version in the registry at ``root``."""

@@ -6,6 +6,10 @@ watcher loads that version beside the serving one and then replaces the server's
 assignment. A request takes the pointer once, at its start, and finishes on that version even if a
 swap happens meanwhile; the old version is freed when its last request ends. Every response names
 the version that produced it (``model`` and the ``x-stillroom-version`` header).
+
+Engines (``engines.py``): ``torch`` serves the version's student as registered (int8 when its recipe
+says so); ``llamacpp`` serves the version's exported GGUF (``stillroom export``, q8_0 by default). A
+cascade's teacher runs on torch either way.
 """
 
 from __future__ import annotations
@@ -63,12 +67,11 @@ class Slot:
     Immutable once built; the server swaps whole slots."""
 
     version: str
-    model: object
-    tokenizer: object
+    engine: object  # an engines.Engine over the student: torch (as registered) or llamacpp (its GGUF)
     loaded_at: float
     lock: threading.Lock = field(default_factory=threading.Lock)  # one forward at a time per model
     cascade: dict | None = None  # threshold, signal, verifier (from the eval stage's fit)
-    teacher: tuple | None = None  # (model, tokenizer, lock), shared across slots
+    teacher: tuple | None = None  # (engine, lock), shared across slots
     to_teacher: Callable[[list[dict]], list[dict]] | None = None  # the task's view of a request for the teacher
 
 
@@ -82,11 +85,12 @@ class Answer:
     confidence: float | None
 
 
-_TEACHERS: dict[str, tuple] = {}  # teacher spec -> (model, tokenizer, lock): loaded once per process
+_TEACHERS: dict[str, tuple] = {}  # teacher spec -> (engine, lock): loaded once per process
 
 
 def _teacher(spec: dict) -> tuple:
     from stillroom import models
+    from stillroom.engines import TorchEngine
 
     key = json.dumps(spec, sort_keys=True)
     if key not in _TEACHERS:
@@ -99,21 +103,23 @@ def _teacher(spec: dict) -> tuple:
             if not weights.exists() or sha256_file(weights) != spec["weights_sha256"]:
                 raise ValueError(f"the cascade's teacher {weights} is missing or is not the one the version was evaluated with")
         model, tokenizer = models.load(spec["model"], spec.get("dtype", "float32"))
-        _TEACHERS[key] = (model, tokenizer, threading.Lock())
+        _TEACHERS[key] = (TorchEngine(model, tokenizer), threading.Lock())
     return _TEACHERS[key]
 
 
-def load_slot(version: dict, cascade: bool = True) -> Slot:
-    """A registry version ready to serve: its student (quantized when the version says so) and, when it
-    was registered with a fitted cascade and ``cascade`` is on, the teacher with the task's context."""
-    from stillroom import models
+def load_slot(version: dict, cascade: bool = True, engine: str = "torch", gguf_format: str = "q8_0") -> Slot:
+    """A registry version ready to serve: its student on ``engine`` (torch: quantized when the version
+    says so; llamacpp: its exported GGUF in ``gguf_format``) and, when it was registered with a fitted
+    cascade and ``cascade`` is on, the teacher with the task's context."""
+    from stillroom import engines
     from stillroom.plugins import registry
-    from stillroom.registry import verify
+    from stillroom.registry import gguf_file, verify
 
     verify(version)  # the files are the ones hashed at register: a swapped weights file is refused, not served
     serving = version.get("serving") or {}
-    model, tokenizer = models.load_quantized(version["model_path"], serving.get("quantize", "none"), smoothing=serving.get("smoothing"))
-    slot = Slot(version["name"], model, tokenizer, time.time())
+    gguf = gguf_file(version, gguf_format) if engine == "llamacpp" else None
+    student = engines.load(engine, version["model_path"], serving.get("quantize", "none"), serving.get("smoothing"), gguf)
+    slot = Slot(version["name"], student, time.time())
     if cascade and serving.get("cascade"):
         slot.cascade, slot.teacher = serving["cascade"], _teacher(serving["teacher"])
         with_context = serving["teacher"].get("context", "few_shot") != "none"  # a corrected teacher answers the student's own prompt
@@ -121,11 +127,11 @@ def load_slot(version: dict, cascade: bool = True) -> Slot:
     return slot
 
 
-def context_problem(model, tokenizer, messages: list[dict], max_tokens: int) -> str | None:
-    """Why ``messages`` plus ``max_tokens`` new tokens do not fit the model's context, or None when they do."""
+def context_problem(engine, messages: list[dict], max_tokens: int) -> str | None:
+    """Why ``messages`` plus ``max_tokens`` new tokens do not fit the engine's context, or None when they do."""
     from stillroom import generation
 
-    context = getattr(model.config, "max_position_embeddings", None)
+    context, tokenizer = engine.context_length, engine.tokenizer
     prompt = len(tokenizer(generation.render(tokenizer, messages), add_special_tokens=False)["input_ids"])
     if context is not None and prompt + max_tokens > context:
         return (f"the prompt is {prompt} tokens; with max_tokens {max_tokens} that is over the model's context of {context} "
@@ -138,28 +144,28 @@ def answer(slot: Slot, messages: list[dict], max_tokens: int, temperature: float
     """The serving path: the student answers; in a cascade the teacher answers instead when the
     student's confidence is under the threshold or (verifier on) its output is not well formed, and
     the teacher's prompt (with its context) fits the teacher's context."""
-    from stillroom import generation, toolcalls
+    from stillroom import toolcalls
     from stillroom.routing import confidence, logprob_stats
+    from stillroom.teachers import Sampling
 
-    def run(model, tokenizer, lock, msgs, top_k):
+    def run(engine, lock, msgs, top_k):
         sample = temperature > 0
+        sampling = Sampling(max_tokens, sample, temperature if sample else 1.0, top_p)
         with lock:
-            return generation.generate(model, tokenizer, [generation.render(tokenizer, msgs)], max_new_tokens=max_tokens,
-                                       sample=sample, temperature=temperature if sample else 1.0, top_p=top_p, top_k=top_k,
-                                       seeds=[seed if seed is not None else uuid.uuid4().int % 2**63])[0]  # fmt: skip
+            return engine.complete([msgs], sampling, [seed if seed is not None else uuid.uuid4().int % 2**63], top_k)[0]
 
-    g = run(slot.model, slot.tokenizer, slot.lock, messages, 1 if slot.cascade else 0)
+    g = run(slot.engine, slot.lock, messages, 1 if slot.cascade else 0)
     if slot.cascade is None:
         return Answer(g.text, g.finished, g.prompt_tokens, len(g.token_ids), "student", None)
     conf = confidence(logprob_stats(g.token_logprobs), slot.cascade["signal"])
     malformed = slot.cascade["verifier"] and bool(toolcalls.parse(g.text).errors)
     if conf >= slot.cascade["threshold"] and not malformed:
         return Answer(g.text, g.finished, g.prompt_tokens, len(g.token_ids), "student", conf)
-    t_model, t_tokenizer, t_lock = slot.teacher
+    t_engine, t_lock = slot.teacher
     with_context = slot.to_teacher(messages)
-    if context_problem(t_model, t_tokenizer, with_context, max_tokens):  # the teacher cannot take it: the student's answer stands
+    if context_problem(t_engine, with_context, max_tokens):  # the teacher cannot take it: the student's answer stands
         return Answer(g.text, g.finished, g.prompt_tokens, len(g.token_ids), "student", conf)
-    tg = run(t_model, t_tokenizer, t_lock, with_context, 0)
+    tg = run(t_engine, t_lock, with_context, 0)
     return Answer(tg.text, tg.finished, tg.prompt_tokens, len(tg.token_ids), "teacher", conf)
 
 
@@ -205,12 +211,14 @@ def _error(status: int, message: str, kind: str, headers: dict | None = None) ->
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status, headers=headers)
 
 
-def create_app(registry_root: Path, alias: str = "production", poll_s: float = 0.5, cascade: bool = True) -> FastAPI:
+def create_app(registry_root: Path, alias: str = "production", poll_s: float = 0.5, cascade: bool = True, engine: str = "torch",
+               gguf_format: str = "q8_0") -> FastAPI:  # fmt: skip
     """The app; the first version loads before the app is returned, the watcher starts with it."""
     from stillroom import registry
 
     app = FastAPI(title="stillroom serving")
-    state = {"slot": load_slot(registry.resolve(registry_root, alias), cascade), "swaps": [], "error": None}
+    load = lambda version: load_slot(version, cascade, engine, gguf_format)  # noqa: E731
+    state = {"slot": load(registry.resolve(registry_root, alias)), "swaps": [], "error": None}
     state["swaps"].append({"version": state["slot"].version, "at": state["slot"].loaded_at})
     metrics = Metrics()
     stop = threading.Event()
@@ -220,7 +228,7 @@ def create_app(registry_root: Path, alias: str = "production", poll_s: float = 0
             try:
                 wanted = registry.resolve(registry_root, alias)
                 if wanted["name"] != state["slot"].version:
-                    slot = load_slot(wanted, cascade)
+                    slot = load(wanted)
                     state["slot"] = slot  # the swap: one reference assignment
                     state["swaps"].append({"version": slot.version, "at": time.time()})
                 state["error"] = None
@@ -250,7 +258,7 @@ def create_app(registry_root: Path, alias: str = "production", poll_s: float = 0
     def health() -> dict:
         slot = state["slot"]
         return {"status": "ok" if state["error"] is None else "degraded", "alias": alias, "version": slot.version,
-                "swaps": state["swaps"], "error": state["error"]}  # fmt: skip
+                "engine": slot.engine.name, "swaps": state["swaps"], "error": state["error"]}  # fmt: skip
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def prometheus() -> str:
@@ -267,7 +275,7 @@ def create_app(registry_root: Path, alias: str = "production", poll_s: float = 0
         if req.model not in (alias, slot.version, "stillroom"):
             return _error(404, f"unknown model {req.model!r}; this server serves {alias!r} (now {slot.version})", "model_not_found", version)
         messages = [m.model_dump() for m in req.messages]
-        too_long = context_problem(slot.model, slot.tokenizer, messages, req.max_tokens)
+        too_long = context_problem(slot.engine, messages, req.max_tokens)
         if too_long:
             return _error(400, too_long, "context_length_exceeded", version)
         a = answer(slot, messages, req.max_tokens, req.temperature, req.seed, req.top_p)
@@ -282,9 +290,10 @@ def create_app(registry_root: Path, alias: str = "production", poll_s: float = 0
     return app
 
 
-def serve(registry_root: Path, alias: str, host: str, port: int, poll_s: float, cascade: bool = True) -> None:
+def serve(registry_root: Path, alias: str, host: str, port: int, poll_s: float, cascade: bool = True, engine: str = "torch",
+          gguf_format: str = "q8_0") -> None:  # fmt: skip
     import uvicorn
 
-    app = create_app(registry_root, alias, poll_s, cascade)
+    app = create_app(registry_root, alias, poll_s, cascade, engine, gguf_format)
     print(json.dumps({"serving": alias, "url": f"http://{host}:{port}/v1"}), flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -11,13 +11,19 @@
    batch tokens/s, peak resident memory growth, cost per 1,000 requests at the configured price.
 4) Gates: ``eval.gates`` and the ``targets`` ceilings give ``verdict.json``; ``stillroom eval`` exits
    non-zero when one fails.
+
+``eval.engine: llamacpp`` measures every local model on llama.cpp instead of torch (``engines.py``): each
+is exported to a GGUF file in a scratch folder (f16; the quantized student in ``eval.gguf_quantize`` with
+its SmoothQuant scales folded, labelled e.g. ``student_q8_0``), so teacher and students compare on one engine.
 """
 
 from __future__ import annotations
 
 import collections
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -66,6 +72,28 @@ def local_model(endpoint):
     return endpoint.model if isinstance(endpoint, HFTeacher) else None
 
 
+class Loader:
+    """Endpoints of local model folders on the configured engine. torch: ``HFTeacher``; llamacpp: the
+    folder exported to GGUF under ``scratch`` and served by ``LlamaCppEngine`` (``id``, ``vocab_size``
+    and ``weight_mb``, the file's size, set here)."""
+
+    def __init__(self, engine: str, scratch: Path, dtype: str):
+        self.engine, self.scratch, self.dtype = engine, scratch, dtype
+
+    def __call__(self, label: str, folder: str, quantize: str = "none", smoothing=None, gguf_format: str = "f16"):
+        if self.engine == "torch":
+            return HFTeacher.load(folder, self.dtype if quantize == "none" else "float32", quantize, smoothing)
+        from stillroom import export
+        from stillroom.engines import LlamaCppEngine
+
+        path = export.export_model(models.resolve(folder), self.scratch / label, [gguf_format], smoothing, label)[gguf_format]
+        from transformers import AutoTokenizer
+
+        endpoint = LlamaCppEngine(path, AutoTokenizer.from_pretrained(models.resolve(folder)))
+        endpoint.id, endpoint.vocab_size, endpoint.weight_mb = label, len(endpoint.tokenizer), round(path.stat().st_size / 2**20, 1)
+        return endpoint
+
+
 def latency_pass(label, endpoint, messages_of, examples, n, max_new_tokens) -> list[float]:
     local = local_model(endpoint)
     latencies = []
@@ -74,7 +102,9 @@ def latency_pass(label, endpoint, messages_of, examples, n, max_new_tokens) -> l
         for e in examples[:n]:
             if local is not None:  # cold request: no prefix cache, the whole prompt processed
                 seconds, _ = generation.timed_request(local, endpoint.tokenizer, messages_of(e), max_new_tokens, toolcalls.parse)
-            else:  # remote: HTTP included
+            else:  # remote (HTTP included) or llama.cpp in process
+                if hasattr(endpoint, "forget"):  # llama.cpp: a cold request too, no prefix reused
+                    endpoint.forget()
                 t1 = time.perf_counter()
                 toolcalls.parse(endpoint.complete([messages_of(e)], Sampling(max_new_tokens), [0], 0)[0].text)
                 seconds = time.perf_counter() - t1
@@ -121,21 +151,31 @@ def run(ctx: StageContext) -> None:
     quantize = recipe["method"]
     student_dir = str(ctx.inputs["train"] / "model")
     teacher = ctx.teacher  # the corrected teacher where `adapt` ran
+    scratch = tempfile.TemporaryDirectory(prefix="stillroom-gguf-")  # llamacpp: the GGUF files, gone after the stage
+    load_local = Loader(ecfg.engine, Path(scratch.name), cfg.student.dtype)
+
+    def load_teacher(label, t):
+        return load_local(label, t.model) if t.backend == "hf" and ecfg.engine != "torch" else registry().get("teacher", t.backend)(t)
+
     candidates = [
-        ("teacher", lambda: registry().get("teacher", teacher.backend)(teacher), lambda e: task.teacher_messages(e, teacher.context)),
-        ("student", lambda: HFTeacher.load(student_dir, cfg.student.dtype), task.student_messages),
+        ("teacher", lambda: load_teacher("teacher", teacher), lambda e: task.teacher_messages(e, teacher.context)),
+        ("student", lambda: load_local("student", student_dir), task.student_messages),
     ]  # fmt: skip
     if cfg.adapt.enabled and ecfg.shipped_teacher:  # the teacher as shipped, before correction
-        candidates.insert(0, ("teacher_shipped", lambda: registry().get("teacher", cfg.teacher.backend)(cfg.teacher),
+        candidates.insert(0, ("teacher_shipped", lambda: load_teacher("teacher_shipped", cfg.teacher),
                               lambda e: task.teacher_messages(e, ecfg.shipped_teacher_context)))  # fmt: skip
     pool_only_dir = ctx.inputs["baseline"] / "model"
     if pool_only_dir.exists():  # the pool-only student (stage `baseline`)
-        candidates.append(("pool_only", lambda: HFTeacher.load(str(pool_only_dir), cfg.student.dtype), task.student_messages))
+        candidates.append(("pool_only", lambda: load_local("pool_only", str(pool_only_dir)), task.student_messages))
     if ecfg.previous is not None:  # an earlier student on the same examples (self-distillation's guard)
         previous_dir = versions.model_folder(ecfg.previous, ecfg.registry)
-        candidates.append(("previous", lambda: HFTeacher.load(previous_dir, cfg.student.dtype), task.student_messages))
-    if quantize != "none":
-        candidates.append((f"student_{quantize.split('_')[0]}", lambda: HFTeacher.load(student_dir, "float32", quantize, smoothing),
+        candidates.append(("previous", lambda: load_local("previous", previous_dir), task.student_messages))
+    if ecfg.engine == "llamacpp":  # the quantized student in the GGUF format asked for, smoothing folded
+        q_label = f"student_{ecfg.gguf_quantize}"
+        candidates.append((q_label, lambda: load_local(q_label, student_dir, smoothing=smoothing, gguf_format=ecfg.gguf_quantize),
+                           task.student_messages))  # fmt: skip
+    elif quantize != "none":
+        candidates.append((f"student_{quantize.split('_')[0]}", lambda: load_local("student_int8", student_dir, quantize, smoothing),
                            task.student_messages))  # fmt: skip
     results, rows_of, dev_rows_of, extra, measured = {}, {}, {}, {}, {}
     routed = next((c[0] for c in candidates if c[0].startswith("student_")), "student")  # the served student: quantized when it is
@@ -158,7 +198,10 @@ def run(ctx: StageContext) -> None:
                                                         ecfg.max_new_tokens, measures, ecfg.max_tool_steps)  # fmt: skip
         local = local_model(endpoint)
         size = (models.n_params(local), round(models.weight_bytes(local) / 2**20, 1)) if local is not None else None
-        measured[label] = (rows, latencies, new_tokens, batch_s, size, mem.mb if local is not None else None)
+        in_process = local is not None or hasattr(endpoint, "weight_mb")
+        if hasattr(endpoint, "weight_mb"):  # a GGUF on llama.cpp: its file's size
+            size = (None, endpoint.weight_mb)
+        measured[label] = (rows, latencies, new_tokens, batch_s, size, mem.mb if in_process else None)
         rows_of[label] = rows
         del endpoint, local
     chosen = choose_confidence(dev_rows_of["student"], ecfg) if auto_confidence else None
@@ -168,6 +211,9 @@ def run(ctx: StageContext) -> None:
         if label == "teacher":
             results[label].update(extra)
     measured.clear()
+    scratch.cleanup()
+    for label in results:
+        results[label]["engine"] = ecfg.engine if label not in ("teacher", "teacher_shipped") or cfg.teacher.backend == "hf" else "remote"
     if chosen:
         results["student"]["confidence_choice"] = chosen
     if ecfg.fit_temperature:
