@@ -119,6 +119,7 @@ def generate(
     seeds: list[int] | None = None,
     top_k: int = 0,
     prefix_cache: PrefixCache | None = None,
+    constraints: list[dict | None] | None = None,
 ) -> list[Generated]:
     """Complete each rendered prompt in one left-padded batch.
 
@@ -126,6 +127,7 @@ def generate(
     ``top_k`` > 0: capture the top-k token ids and log-probs of the untempered distribution at every
     position, and the log-prob of each emitted token, during generation (no second pass).
     ``prefix_cache``: reuse the KV cache of whole chat turns every prompt starts with.
+    ``constraints``: one per prompt (``constrained``; None: free), enforced before sampling.
     """
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -148,6 +150,12 @@ def generate(
         ids[i, start:], mask[i, start:] = torch.tensor(r[cut:], dtype=torch.long), 1
     ids, mask = ids.to(model.device), mask.to(model.device)
     processors = LogitsProcessorList()
+    if constraints is not None and any(constraints):
+        from stillroom import constrained
+
+        if len(constraints) != len(rows):
+            raise ValueError("constraints: one per prompt (None for a free one)")
+        processors.append(constrained.logits_processor(model, tokenizer, constraints))  # first: a masked token stays masked
     if sample:
         if seeds is None or len(seeds) != len(rows):
             raise ValueError("sampling needs one seed per prompt")
