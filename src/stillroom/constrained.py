@@ -42,6 +42,14 @@ def for_tools(tools: list[dict], choice: str = "auto", name: str | None = None, 
     return {"type": "tools", "tools": tools, "choice": choice, "parallel": parallel}
 
 
+def for_example(example: dict, mode: str) -> dict | None:
+    """``signals.constrain`` / ``eval.constrain`` for one example: ``tools``: calls held to the tools the
+    example offers (free text stays free); ``none``, or an example without tools: None."""
+    if mode == "tools" and example.get("tools"):
+        return for_tools(example["tools"])
+    return None
+
+
 def _strict(params: dict) -> dict:
     """A tool's parameters as strict mode reads them: no keys beyond the declared ones (what
     ``toolcalls.schema_problems`` checks too)."""
@@ -140,7 +148,7 @@ def _compiler(tokenizer, vocab_size: int):
 
 
 def compile_for(tokenizer, vocab_size: int, constraint: dict):
-    return _compiler(tokenizer, vocab_size).compile_structural_tag(json.dumps(structural_tag(constraint), sort_keys=True))
+    return _compiler(tokenizer, vocab_size).compile_structural_tag(json.dumps(structural_tag(constraint)))  # key order kept: it is the order properties must come in
 
 
 class GrammarMask:

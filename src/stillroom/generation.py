@@ -246,10 +246,12 @@ def score(
     return results
 
 
-def timed_request(model, tokenizer, messages: list[dict], max_new_tokens: int, parse) -> tuple[float, Generated]:
+def timed_request(model, tokenizer, messages: list[dict], max_new_tokens: int, parse, constraint: dict | None = None) -> tuple[float, Generated]:
     """End-to-end latency of one request: render + tokenize + generate + decode + ``parse``. No
-    prefix cache: the whole prompt, context included, is processed as a cold request would be."""
+    prefix cache: the whole prompt, context included, is processed as a cold request would be.
+    ``constraint``: decoded under that grammar (its compile and masking included)."""
     t0 = time.perf_counter()
-    g = generate(model, tokenizer, [render(tokenizer, messages)], max_new_tokens=max_new_tokens)[0]
+    g = generate(model, tokenizer, [render(tokenizer, messages)], max_new_tokens=max_new_tokens,
+                 constraints=[constraint] if constraint else None)[0]  # fmt: skip
     parse(g.text)
     return time.perf_counter() - t0, g
