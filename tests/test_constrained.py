@@ -86,6 +86,21 @@ def test_a_batch_mixes_constrained_and_free_rows_and_the_free_rows_are_unchanged
     assert constrained.satisfied(CONSTRAINTS["json_schema"], mixed[1].text)
 
 
+def test_an_escalated_answer_is_held_to_the_same_constraint(tmp_path, tiny_model_dir):
+    """A cascade whose threshold sends every request to the teacher: the teacher's answer meets the
+    request's JSON schema too."""
+    from finished_runs import make_run
+
+    from stillroom import registry
+    from stillroom.serve import answer, load_slot
+
+    run = make_run(tmp_path, "up", 1, True, tiny_model_dir, {"threshold": 1.01, "signal": "mean_token_prob", "verifier": False})
+    registry.register(tmp_path / "registry", run)
+    slot = load_slot(registry.resolve(tmp_path / "registry", "v1"))
+    a = answer(slot, [{"role": "user", "content": "Which unit?"}], 64, constraint=CONSTRAINTS["json_schema"])
+    assert a.served_by == "teacher" and a.finished and constrained.satisfied(CONSTRAINTS["json_schema"], a.text)
+
+
 def test_eval_measures_the_student_with_and_without_the_constraint(tiny_model_dir, tmp_path):
     """`eval.constrain: tools` on a finished tiny run: the student answers twice on the same examples,
     free and with its calls held to the offered tools; results carry both, the paired change and the
