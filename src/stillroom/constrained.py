@@ -30,7 +30,6 @@ import jsonschema
 from stillroom import toolcalls
 
 KINDS = ("json_schema", "json_object", "tools")
-CHOICES = ("auto", "required", "none")
 MAX_WHITESPACE = 1  # consecutive whitespace characters inside JSON: a weak model cannot pad forever
 
 
@@ -94,7 +93,7 @@ def available() -> bool:
 
 def problem(constraint: dict) -> str | None:
     """Why ``constraint`` cannot be used (a schema that is not JSON Schema, or one the grammar engine
-    cannot compile), or None. Compiles against a one-token-set vocabulary, so no model is needed."""
+    cannot compile), or None. Builds the grammar without a tokenizer, so no model is needed."""
     schemas = [constraint["schema"]] if constraint["type"] == "json_schema" else []
     schemas += [t["function"].get("parameters") or {} for t in constraint.get("tools", [])]
     for s in schemas:
