@@ -2,9 +2,12 @@
 model gives the torch model's next-token distribution, and ``stillroom serve --engine llamacpp`` passes
 the same tests as the torch server: a load test with a promotion and a rollback in the middle (zero
 failed requests), a request in flight during a swap, malformed requests answered 4xx. The server tests
-are the torch server's own functions, collected here again with this module's llamacpp ``server``."""
+are the torch server's own functions, collected here again with this module's llamacpp ``server``, and so are
+the openai client's tool-call and structured-output tests (``served``): xgrammar masks llama.cpp's logits as it does torch's."""
 
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 
@@ -19,11 +22,30 @@ from test_registry_and_serving import (  # noqa: E402,F401  (collected here agai
     test_malformed_requests_get_a_4xx_with_a_message_and_the_server_keeps_serving,
 )
 
+if importlib.util.find_spec("xgrammar") and importlib.util.find_spec("openai"):  # the openai client's tests, against llama.cpp
+    from test_tools_over_the_wire import (  # noqa: E402,F401
+        test_a_tool_request_gets_tool_calls_back_and_a_tool_result_continues_the_conversation,
+        test_response_format_json_schema_holds_where_the_free_model_does_not,
+        test_tool_choice_none_yields_no_calls_and_strict_tools_only_valid_ones,
+        test_unknown_and_unsupported_fields_answer_400_naming_the_field,
+    )
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("runs")
     return {name: make_run(root, name, seed, True, tiny_model_dir) for name, seed in (("good1", 1), ("good2", 2))}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_model_dir):
+    """The wire tests' server (``test_tools_over_the_wire``) on llama.cpp: the same version exported to q8_0."""
+    import openai
+
+    root = tmp_path_factory.mktemp("wire")
+    run = make_run(root, "wire", 5, True, tiny_model_dir)
+    with serving(root / "registry", [run], engine="llamacpp") as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0), run
 
 
 @pytest.fixture
@@ -94,3 +116,27 @@ def test_eval_measures_teacher_and_students_on_llamacpp(tmp_path, tiny_model_dir
     assert all(r["engine"] == "llamacpp" and r["examples"] == 3 and r["weight_mb"] > 0 for r in results.values())
     assert results["student_q8_0"]["weight_mb"] < results["student"]["weight_mb"]
     assert not list(run.rglob("*.gguf"))  # the GGUF files lived in a scratch folder
+
+
+def test_constraints_hold_on_llamacpp_as_on_torch(tmp_path, tiny_model_dir):
+    """The same constraint on both engines: a random model's every finished answer on llama.cpp meets a
+    JSON schema and the offered tools' schemas, greedy and sampled, while the free answers never do; a
+    free conversation in the same call is unchanged."""
+    pytest.importorskip("xgrammar")
+    from test_constrained import CONSTRAINTS
+    from test_gguf_export import tiny_llama
+
+    from stillroom import constrained, engines, export
+    from stillroom.teachers import Sampling
+
+    folder = tiny_llama(tiny_model_dir, tmp_path / "model", tied=True)
+    engine = engines.load("llamacpp", folder, gguf=export.export_model(folder, tmp_path / "out", ["f16"])["f16"])
+    conversations = [[{"role": "user", "content": f"Request number {i}: set it up."}] for i in range(3)]
+    for sampling in (Sampling(64), Sampling(64, True, 0.9, 1.0)):
+        free = engine.complete(conversations, sampling, [11, 12, 13], 0)
+        for name, c in CONSTRAINTS.items():
+            held = engine.complete(conversations, sampling, [11, 12, 13], 0, constraints=[c] * 3)
+            assert all(g.finished and constrained.satisfied(c, g.text) for g in held), (name, [g.text for g in held])
+            assert not any(constrained.satisfied(c, g.text) for g in free), (name, [g.text for g in free])
+        mixed = engine.complete(conversations, sampling, [11, 12, 13], 0, constraints=[None, CONSTRAINTS["json_schema"], None])
+        assert [mixed[0].text, mixed[2].text] == [free[0].text, free[2].text]

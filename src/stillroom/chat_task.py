@@ -144,6 +144,20 @@ class ChatTask:
         system = example["system"]["teacher"]
         return ([{"role": "system", "content": system}] if system else []) + example["few_shot"] + self._conversation(example)
 
+    def serving_options(self, cfg) -> dict:
+        """What a served request's rendering needs from the run (recorded in the registry version)."""
+        return {"student_system": cfg.data.context.student_system}
+
+    def served_messages(self, conversation: list[dict], tools: list[dict], options: dict) -> list[dict]:
+        """A served OpenAI conversation (``chat_wire``) as ``student_messages`` renders a row: the run's
+        student system prompt (or, where the run kept each row's own, the client's), the offered tools
+        appended to it, calls as ``<tool_call>`` blocks, results as ``<tool_response>`` turns."""
+        own = next((m["content"] for m in conversation if m["role"] == "system"), None)
+        base = options.get("student_system") if options.get("student_system") is not None else own
+        system = chat_data.system_prompt(base, tools)
+        return ([{"role": "system", "content": system}] if system else []) + chat_data.text_messages(
+            [m for m in conversation if m["role"] != "system"])
+
     def with_teacher_context(self, messages: list[dict]) -> list[dict]:
         """A served conversation goes to the teacher as it is: the contexts are per run, not per request."""
         return messages

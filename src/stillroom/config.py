@@ -420,6 +420,7 @@ class SignalsConfig(Section):
     score_references: bool = False  # also score each clean reference teacher-forced (needs `hf`)
     batch_size: int = Field(8, ge=1)
     shard_size: int = Field(32, ge=1)  # prompts per store shard: the unit of resume
+    constrain: Literal["none", "tools"] = "none"  # tools: the teacher's calls held to each example's offered tools (constrained decoding)
     preference: PreferenceConfig = PreferenceConfig()
     self: SelfConfig = SelfConfig()
     on_policy: OnPolicyConfig = OnPolicyConfig()
@@ -581,6 +582,7 @@ class EvalConfig(Section):
     shipped_teacher: bool = True  # with adapt.enabled: also measure the teacher as shipped (uncorrected)
     shipped_teacher_context: Literal["few_shot", "none"] = "few_shot"  # ... prompted with this context
     shipped_teacher_examples: int | None = Field(None, ge=1)  # ... on the first N examples only (its long prompts are the costliest pass)
+    constrain: Literal["none", "tools"] = "none"  # tools: also measure the student with its calls held to the offered tools (student_constrained)
     # the engine every local model is measured on: torch (transformers; the quantized student is compress.quantize), or llamacpp
     # (each model exported to GGUF f16, the quantized student to gguf_quantize; needs the extra `llamacpp`), so models compare like with like
     engine: Literal["torch", "llamacpp"] = "torch"
@@ -686,6 +688,13 @@ class PipelineConfig(Section):
             raise ValueError("signals.kind `on_policy` scores the student's samples teacher-forced in the training process (teacher.backend: hf)")
         if "on_policy" in kinds and self.signals.top_k == 0:
             raise ValueError("signals.kind `on_policy` learns from the teacher's top-k on the student's samples: signals.top_k > 0")
+        if "tools" in (self.signals.constrain, self.eval.constrain):
+            from stillroom.constrained import available
+
+            if not available():
+                raise ValueError("signals.constrain / eval.constrain `tools` need the grammar engine: pip install 'stillroom[structured]'")
+        if self.signals.constrain != "none" and self.teacher.backend != "hf":
+            raise ValueError("signals.constrain runs the grammar in the teacher's decoding loop: it needs a local teacher (teacher.backend: hf)")
         if self.signals.score_references and self.teacher.backend != "hf":
             raise ValueError("signals.score_references needs a local teacher (teacher.backend: hf)")
         if self.adapt.enabled and self.teacher.backend != "hf":

@@ -35,9 +35,11 @@ class Engine(Protocol):
     tokenizer: object  # the Hugging Face tokenizer: prompts are rendered and counted with it on every engine
     context_length: int | None  # tokens the model attends over (prompt + completion); None when unknown
 
-    def complete(self, conversations: list[list[dict]], sampling: Sampling, seeds: list[int], top_k: int) -> list[Generated]:
+    def complete(self, conversations: list[list[dict]], sampling: Sampling, seeds: list[int], top_k: int,
+                 constraints: list[dict | None] | None = None) -> list[Generated]:  # fmt: skip
         """One completion per conversation (chat messages); ``seeds[i]`` drives conversation i's sampling;
-        ``top_k`` > 0 fills ``token_logprobs`` (and the top-k ids and log-probs) per completion position."""
+        ``top_k`` > 0 fills ``token_logprobs`` (and the top-k ids and log-probs, of the unmasked logits) per
+        completion position; ``constraints[i]`` (``constrained``, None: free) holds completion i to a format."""
 
 
 class TorchEngine:
@@ -52,13 +54,13 @@ class TorchEngine:
         self.context_length = getattr(model.config, "max_position_embeddings", None)
         self.prefix_cache = PrefixCache() if prefix_cache else None
 
-    def complete(self, conversations, sampling: Sampling, seeds, top_k: int) -> list[Generated]:
+    def complete(self, conversations, sampling: Sampling, seeds, top_k: int, constraints=None) -> list[Generated]:
         from stillroom import generation
 
         prompts = [generation.render(self.tokenizer, c) for c in conversations]
         return generation.generate(self.model, self.tokenizer, prompts, max_new_tokens=sampling.max_new_tokens, sample=sampling.sample,
                                    temperature=sampling.temperature, top_p=sampling.top_p, seeds=seeds, top_k=top_k,
-                                   prefix_cache=self.prefix_cache)  # fmt: skip
+                                   prefix_cache=self.prefix_cache, constraints=constraints)  # fmt: skip
 
 
 def llamacpp_available() -> str | None:
@@ -139,11 +141,15 @@ class LlamaCppEngine:
         self.cached: list[int] = []  # the tokens whose keys and values the context holds
         self.lock = threading.Lock()  # one llama.cpp context: one sequence at a time
 
-    def complete(self, conversations, sampling: Sampling, seeds, top_k: int) -> list[Generated]:
+    def complete(self, conversations, sampling: Sampling, seeds, top_k: int, constraints=None) -> list[Generated]:
         from stillroom import generation
 
+        constraints = constraints or [None] * len(conversations)
+        if len(constraints) != len(conversations):
+            raise ValueError("constraints: one per conversation (None for a free one)")
         with self.lock:
-            return [self._one(generation.render(self.tokenizer, c), sampling, seed, top_k) for c, seed in zip(conversations, seeds)]
+            return [self._one(generation.render(self.tokenizer, c), sampling, seed, top_k, constraint)
+                    for c, seed, constraint in zip(conversations, seeds, constraints)]  # fmt: skip
 
     def forget(self) -> None:
         """Reuse no cached prefix for the next request (a cold request, as eval's latency pass times them)."""
@@ -168,17 +174,49 @@ class LlamaCppEngine:
         self.cached = list(ids)
         return logits
 
-    def _one(self, prompt: str, sampling: Sampling, seed: int, top_k: int) -> Generated:
+    def _mask(self, constraint: dict | None):
+        """The constraint's grammar over this model's vocabulary: a function that masks a step's logits
+        in place (tokens the grammar refuses to -inf) and one that advances it by the chosen token; the
+        same xgrammar grammar the torch engine uses, so a format means the same thing on both engines."""
+        if constraint is None:
+            return None, None
+        import torch
+        import xgrammar as xgr
+
+        from stillroom import constrained
+
+        matcher = xgr.GrammarMatcher(constrained.compile_for(self.tokenizer, self.n_vocab, constraint))
+        bitmask = xgr.allocate_token_bitmask(1, self.n_vocab)
+
+        def mask(logits: np.ndarray) -> None:
+            if not matcher.is_terminated():
+                matcher.fill_next_token_bitmask(bitmask, 0)
+                xgr.apply_token_bitmask_inplace(torch.from_numpy(logits)[None], bitmask, vocab_size=self.n_vocab)
+
+        def accept(token: int) -> None:
+            if not matcher.is_terminated() and not matcher.accept_token(token):
+                raise RuntimeError(f"token {token} was drawn although its grammar refuses it")
+
+        return mask, accept
+
+    def _one(self, prompt: str, sampling: Sampling, seed: int, top_k: int, constraint: dict | None = None) -> Generated:
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if len(ids) >= self.context_length:
             raise ValueError(f"the prompt is {len(ids)} tokens; the llama.cpp context holds {self.context_length}")
         logits = self._prefill(ids)
         rng = np.random.default_rng(seed)
         new, lps, tk_ids, tk_lps, finished = [], [], [], [], False
+        mask, accept = self._mask(constraint)
         for _ in range(min(sampling.max_new_tokens, self.context_length - len(ids))):
+            raw = logits
+            if mask is not None:
+                logits = raw.copy()
+                mask(logits)
             token = _draw(logits, sampling, rng)
-            if top_k > 0:
-                logp = _log_softmax(logits)
+            if accept is not None:
+                accept(token)
+            if top_k > 0:  # log-probs of the model's own (unmasked) distribution, as the torch engine reports them
+                logp = _log_softmax(raw)
                 top = np.argpartition(-logp, min(top_k, len(logp)) - 1)[:top_k]  # a full sort per token costs ms
                 top = top[np.argsort(-logp[top], kind="stable")]
                 lps.append(float(logp[token]))

@@ -119,6 +119,7 @@ def generate(
     seeds: list[int] | None = None,
     top_k: int = 0,
     prefix_cache: PrefixCache | None = None,
+    constraints: list[dict | None] | None = None,
 ) -> list[Generated]:
     """Complete each rendered prompt in one left-padded batch.
 
@@ -126,6 +127,7 @@ def generate(
     ``top_k`` > 0: capture the top-k token ids and log-probs of the untempered distribution at every
     position, and the log-prob of each emitted token, during generation (no second pass).
     ``prefix_cache``: reuse the KV cache of whole chat turns every prompt starts with.
+    ``constraints``: one per prompt (``constrained``; None: free), enforced before sampling.
     """
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -148,6 +150,12 @@ def generate(
         ids[i, start:], mask[i, start:] = torch.tensor(r[cut:], dtype=torch.long), 1
     ids, mask = ids.to(model.device), mask.to(model.device)
     processors = LogitsProcessorList()
+    if constraints is not None and any(constraints):
+        from stillroom import constrained
+
+        if len(constraints) != len(rows):
+            raise ValueError("constraints: one per prompt (None for a free one)")
+        processors.append(constrained.logits_processor(model, tokenizer, constraints))  # first: a masked token stays masked
     if sample:
         if seeds is None or len(seeds) != len(rows):
             raise ValueError("sampling needs one seed per prompt")
@@ -238,10 +246,12 @@ def score(
     return results
 
 
-def timed_request(model, tokenizer, messages: list[dict], max_new_tokens: int, parse) -> tuple[float, Generated]:
+def timed_request(model, tokenizer, messages: list[dict], max_new_tokens: int, parse, constraint: dict | None = None) -> tuple[float, Generated]:
     """End-to-end latency of one request: render + tokenize + generate + decode + ``parse``. No
-    prefix cache: the whole prompt, context included, is processed as a cold request would be."""
+    prefix cache: the whole prompt, context included, is processed as a cold request would be.
+    ``constraint``: decoded under that grammar (its compile and masking included)."""
     t0 = time.perf_counter()
-    g = generate(model, tokenizer, [render(tokenizer, messages)], max_new_tokens=max_new_tokens)[0]
+    g = generate(model, tokenizer, [render(tokenizer, messages)], max_new_tokens=max_new_tokens,
+                 constraints=[constraint] if constraint else None)[0]  # fmt: skip
     parse(g.text)
     return time.perf_counter() - t0, g

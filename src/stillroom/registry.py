@@ -210,6 +210,7 @@ def register(root: Path, run_dir: Path, actor: str | None = None) -> dict:
     the write lock is taken; under it only a rename and the insert happen."""
     import uuid
 
+    from stillroom.plugins import registry as plugin_registry
     from stillroom.run_check import RunCheckError, check
 
     run_dir = Path(run_dir)
@@ -223,8 +224,10 @@ def register(root: Path, run_dir: Path, actor: str | None = None) -> dict:
     card = run_dir / "mix" / "card.json"
     summary = {k: results.get(k) for k in ("latency_p50_ms", "latency_p95_ms", "ece", "params")}
     summary["task_success"] = results["metrics"]["task_success"]["mean"]
+    task = plugin_registry().get("task", run.cfg.data.task)
     serving = {  # what `stillroom serve` needs besides the weights
         "task": run.cfg.data.task,
+        "task_options": task.serving_options(run.cfg) if hasattr(task, "serving_options") else {},  # how requests are rendered
         "quantize": run.recipe["method"],
         "teacher": served_teacher(run_dir, run.cfg),
         "cascade": {k: run.results["cascade"][k] for k in ("threshold", "signal", "verifier")} if "cascade" in run.results else None,

@@ -44,12 +44,16 @@ class Episode:
         )
 
 
-def sample(endpoint, task, examples: list[dict], messages_of, sampling, seed_of, top_k: int, max_steps: int) -> list[Episode]:
+def sample(endpoint, task, examples: list[dict], messages_of, sampling, seed_of, top_k: int, max_steps: int,
+           constraint_of=None) -> list[Episode]:  # fmt: skip
     """Episodes of ``examples`` through a teacher endpoint (``complete``); ``seed_of(example, step)``
-    seeds each turn."""
+    seeds each turn; ``constraint_of(example)`` (``constrained``, or None) holds each turn to a format."""
 
     def turn(indices, convs, step):
-        return endpoint.complete(convs, sampling, [seed_of(examples[i], step) for i in indices], top_k)
+        seeds = [seed_of(examples[i], step) for i in indices]
+        if constraint_of is None:
+            return endpoint.complete(convs, sampling, seeds, top_k)
+        return endpoint.complete(convs, sampling, seeds, top_k, constraints=[constraint_of(examples[i]) for i in indices])
 
     return run(turn, task, examples, [messages_of(e) for e in examples], max_steps)
 

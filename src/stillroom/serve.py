@@ -20,45 +20,18 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Callable, Literal
+from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from stillroom.http_guard import Guard, no_stream
+from stillroom.chat_wire import ChatRequest
+from stillroom.http_guard import Guard
 
 MAX_BODY_BYTES = 256 * 1024
-MAX_NEW_TOKENS = 512
-MIN_TEMPERATURE = 0.01  # above 0 (greedy), smaller temperatures overflow the softmax
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 PATHS = ("/v1/chat/completions", "/v1/models", "/health", "/metrics")  # /metrics labels; any other path counts as "other"
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant", "tool"]  # tool: a tool result the client sends back (multi-step)
-    content: str = Field(max_length=32_000)
-
-
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # fields we do not use are ignored; the ones we use are checked
-    model: str = Field(max_length=256)
-    messages: list[Message] = Field(min_length=1, max_length=64)
-    max_tokens: int = Field(128, ge=1, le=MAX_NEW_TOKENS)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)  # 0: greedy
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=1)  # one choice per request
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    stream: Annotated[bool, AfterValidator(no_stream)] = False
-
-    @field_validator("temperature")
-    @classmethod
-    def _not_vanishing(cls, v: float) -> float:
-        if 0 < v < MIN_TEMPERATURE:
-            raise ValueError(f"must be 0 (greedy) or between {MIN_TEMPERATURE} and 2")
-        return v
 
 
 @dataclass
@@ -73,6 +46,7 @@ class Slot:
     cascade: dict | None = None  # threshold, signal, verifier (from the eval stage's fit)
     teacher: tuple | None = None  # (engine, lock), shared across slots
     to_teacher: Callable[[list[dict]], list[dict]] | None = None  # the task's view of a request for the teacher
+    render: Callable[[list[dict], list[dict]], list[dict]] | None = None  # (conversation, tools) -> the student's messages
 
 
 @dataclass(frozen=True)
@@ -120,6 +94,10 @@ def load_slot(version: dict, cascade: bool = True, engine: str = "torch", gguf_f
     gguf = gguf_file(version, gguf_format) if engine == "llamacpp" else None
     student = engines.load(engine, version["model_path"], serving.get("quantize", "none"), serving.get("smoothing"), gguf)
     slot = Slot(version["name"], student, time.time())
+    task = registry().get("task", serving["task"]) if serving.get("task") else None
+    if task is not None and hasattr(task, "served_messages"):  # requests are prompted as the run's task prompted the student
+        options = serving.get("task_options") or {}
+        slot.render = lambda conversation, tools: task.served_messages(conversation, tools, options)
     if cascade and serving.get("cascade"):
         slot.cascade, slot.teacher = serving["cascade"], _teacher(serving["teacher"])
         with_context = serving["teacher"].get("context", "few_shot") != "none"  # a corrected teacher answers the student's own prompt
@@ -140,10 +118,11 @@ def context_problem(engine, messages: list[dict], max_tokens: int) -> str | None
 
 
 def answer(slot: Slot, messages: list[dict], max_tokens: int, temperature: float = 0.0, seed: int | None = None,
-           top_p: float = 1.0) -> Answer:  # fmt: skip
+           top_p: float = 1.0, constraint: dict | None = None) -> Answer:  # fmt: skip
     """The serving path: the student answers; in a cascade the teacher answers instead when the
     student's confidence is under the threshold or (verifier on) its output is not well formed, and
-    the teacher's prompt (with its context) fits the teacher's context."""
+    the teacher's prompt (with its context) fits the teacher's context. ``constraint`` (``constrained``)
+    holds whichever model answers to the same format, on either engine."""
     from stillroom import toolcalls
     from stillroom.routing import confidence, logprob_stats
     from stillroom.teachers import Sampling
@@ -152,7 +131,8 @@ def answer(slot: Slot, messages: list[dict], max_tokens: int, temperature: float
         sample = temperature > 0
         sampling = Sampling(max_tokens, sample, temperature if sample else 1.0, top_p)
         with lock:
-            return engine.complete([msgs], sampling, [seed if seed is not None else uuid.uuid4().int % 2**63], top_k)[0]
+            return engine.complete([msgs], sampling, [seed if seed is not None else uuid.uuid4().int % 2**63], top_k,
+                                   constraints=[constraint] if constraint else None)[0]  # fmt: skip
 
     g = run(slot.engine, slot.lock, messages, 1 if slot.cascade else 0)
     if slot.cascade is None:
@@ -211,10 +191,19 @@ def _error(status: int, message: str, kind: str, headers: dict | None = None) ->
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status, headers=headers)
 
 
+def _problem(e: dict) -> str:
+    """One validation error as ``field: what is wrong``; an unknown field says so and what to do."""
+    where = ".".join(str(x) for x in e["loc"][1:]) or "body"
+    if e.get("type") == "extra_forbidden":
+        return f"{where}: unknown field: this server does not support it, and refuses it rather than ignore it (leave it out)"
+    return f"{where}: {e['msg'].removeprefix('Value error, ')}"
+
+
 def create_app(registry_root: Path, alias: str = "production", poll_s: float = 0.5, cascade: bool = True, engine: str = "torch",
                gguf_format: str = "q8_0") -> FastAPI:  # fmt: skip
     """The app; the first version loads before the app is returned, the watcher starts with it."""
-    from stillroom import registry
+    from stillroom import chat_data, constrained, registry
+    from stillroom.chat_wire import reply
 
     app = FastAPI(title="stillroom serving")
     load = lambda version: load_slot(version, cascade, engine, gguf_format)  # noqa: E731
@@ -251,8 +240,7 @@ def create_app(registry_root: Path, alias: str = "production", poll_s: float = 0
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
             return _error(400, "the body is not valid JSON", "invalid_json")
-        detail = "; ".join(f"{'.'.join(str(x) for x in e['loc'][1:]) or 'body'}: {e['msg'].removeprefix('Value error, ')}" for e in errors)
-        return _error(400, detail, "invalid_request")
+        return _error(400, "; ".join(_problem(e) for e in errors), "invalid_request")
 
     @app.get("/health")
     def health() -> dict:
@@ -274,14 +262,26 @@ def create_app(registry_root: Path, alias: str = "production", poll_s: float = 0
         version = {"x-stillroom-version": slot.version}
         if req.model not in (alias, slot.version, "stillroom"):
             return _error(404, f"unknown model {req.model!r}; this server serves {alias!r} (now {slot.version})", "model_not_found", version)
-        messages = [m.model_dump() for m in req.messages]
-        too_long = context_problem(slot.engine, messages, req.max_tokens)
+        constraint = req.constraint()
+        if constraint is not None and constraint["type"] == "tools" and constraint["choice"] == "none" and not constrained.available():
+            constraint = None  # without the grammar engine, calls are dropped from the answer instead of prevented
+        problem = constrained.problem(constraint) if constraint is not None else None
+        if problem:
+            return _error(400, f"{'response_format' if req.response_format else 'tools'}: {problem}", "invalid_request", version)
+        tools = req.offered()
+        if tools and slot.render is None:
+            return _error(400, f"version {slot.version} was registered without its task, so it cannot render tools: register the run again",
+                          "invalid_request", version)  # fmt: skip
+        conversation = req.conversation()
+        messages = slot.render(conversation, tools) if slot.render else chat_data.text_messages(conversation)
+        too_long = context_problem(slot.engine, messages, req.new_tokens)
         if too_long:
             return _error(400, too_long, "context_length_exceeded", version)
-        a = answer(slot, messages, req.max_tokens, req.temperature, req.seed, req.top_p)
+        a = answer(slot, messages, req.new_tokens, req.temperature, req.seed, req.top_p, constraint)
+        message, finish = reply(a.text, a.finished, bool(tools), req.choice)
         body = {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()), "model": slot.version,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": a.text}, "finish_reason": "stop" if a.finished else "length"}],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
             "usage": {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens, "total_tokens": a.prompt_tokens + a.completion_tokens},
             "stillroom": {"version": slot.version, "served_by": a.served_by, "confidence": a.confidence},
         }  # fmt: skip

@@ -58,6 +58,14 @@ class Task(Protocol):
     def with_teacher_context(self, messages: list[dict]) -> list[dict]:
         """A served conversation as the teacher sees it (its context added), for cascade escalation."""
 
+    def served_messages(self, conversation: list[dict], tools: list[dict], options: dict) -> list[dict]:
+        """Optional: a served OpenAI conversation (turns with ``content`` and, on assistant turns,
+        ``tool_calls`` as ``{"name", "arguments"}``) and its offered ``tools`` as the student's messages,
+        rendered as ``student_messages`` renders an example. ``options``: ``serving_options(cfg)``."""
+
+    def serving_options(self, cfg) -> dict:
+        """Optional: what ``served_messages`` needs from the run's config (the registry records it)."""
+
 
 def answer_of(candidate: dict) -> str | list[dict]:
     """What a task judges: the answer text, or a multi-step candidate's turns (``messages``)."""

@@ -33,8 +33,10 @@ class Teacher(Protocol):
     id: str
     vocab_size: int | None  # for the store's id type; None when unknown (remote)
 
-    def complete(self, conversations: list[list[dict]], sampling: Sampling, seeds: list[int], top_k: int) -> list[Generated]:
-        """One completion per conversation; ``seeds[i]`` drives conversation i's sampling."""
+    def complete(self, conversations: list[list[dict]], sampling: Sampling, seeds: list[int], top_k: int,
+                 constraints: list[dict | None] | None = None) -> list[Generated]:  # fmt: skip
+        """One completion per conversation; ``seeds[i]`` drives conversation i's sampling; ``constraints[i]``
+        (``constrained``; local models only) holds it to a format."""
 
     def score(self, conversations: list[list[dict]], completions: list[str], top_k: int) -> list[Generated]:
         """Teacher-forced log-probs of given completions."""
@@ -57,14 +59,14 @@ class HFTeacher:
         model, tokenizer = models.load_quantized(spec, quantize, dtype, smoothing)
         return cls(model, tokenizer, spec if spec == "default" else os.path.basename(os.path.normpath(spec)))
 
-    def complete(self, conversations, sampling: Sampling, seeds, top_k: int) -> list[Generated]:
+    def complete(self, conversations, sampling: Sampling, seeds, top_k: int, constraints=None) -> list[Generated]:
         from stillroom import generation
 
         prompts = [generation.render(self.tokenizer, c) for c in conversations]
         return generation.generate(
             self.model, self.tokenizer, prompts, max_new_tokens=sampling.max_new_tokens, sample=sampling.sample,
             temperature=sampling.temperature, top_p=sampling.top_p, seeds=seeds, top_k=top_k,
-            prefix_cache=self.prefix_cache,
+            prefix_cache=self.prefix_cache, constraints=constraints,
         )  # fmt: skip
 
     def score(self, conversations, completions, top_k: int) -> list[Generated]:
@@ -158,7 +160,9 @@ class OpenAITeacher:
         # chat APIs report emitted tokens only: no entry for the end-of-turn position
         return Generated(text, ids, usage.get("prompt_tokens", 0), finished, **extra)
 
-    def complete(self, conversations, sampling: Sampling, seeds, top_k: int) -> list[Generated]:
+    def complete(self, conversations, sampling: Sampling, seeds, top_k: int, constraints=None) -> list[Generated]:
+        if constraints is not None and any(constraints):
+            raise TeacherError("constrained decoding runs in a local model's decoding loop: use teacher.backend hf")
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             return list(pool.map(lambda a: self._one(a[0], sampling, a[1], top_k), zip(conversations, seeds)))
 

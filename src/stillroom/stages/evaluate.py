@@ -9,6 +9,8 @@
 3) Speed and cost end to end: single requests from text to parsed answer (render, tokenize, prefill of
    the whole prompt, the teacher's few-shot context included, generation, decode, parse): p50 / p95,
    batch tokens/s, peak resident memory growth, cost per 1,000 requests at the configured price.
+   With ``eval.constrain: tools`` the student is measured a second time with its tool calls held to the
+   offered tools' schemas (``student_constrained``), with the paired change and the speed ratio.
 4) Gates: ``eval.gates`` and the ``targets`` ceilings give ``verdict.json``; ``stillroom eval`` exits
    non-zero when one fails.
 
@@ -28,7 +30,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from stillroom import atomic, calibration, gates, generation, metrics, models, rollout, routing, toolcalls
+from stillroom import atomic, calibration, constrained, gates, generation, metrics, models, rollout, routing, toolcalls
 from stillroom import registry as versions
 from stillroom.memory import PeakMemory
 from stillroom.metrics import percentile
@@ -41,9 +43,11 @@ from stillroom.tasks import answer_of
 from stillroom.teachers import HFTeacher, Sampling
 
 
-def quality_pass(label, endpoint, messages_of, examples, batch_size, max_new_tokens, measures, max_steps) -> tuple[list[dict], int, float]:
+def quality_pass(label, endpoint, messages_of, examples, batch_size, max_new_tokens, measures, max_steps,
+                 constraint_of=None) -> tuple[list[dict], int, float]:  # fmt: skip
     """Greedy answers with their token log-probs, multi-step examples played out against the task's
-    tools; per example the metric values and the confidence (over every assistant turn)."""
+    tools; per example the metric values and the confidence (over every assistant turn).
+    ``constraint_of(example)``: the format each turn is held to (``constrained``), or no constraint."""
     greedy = Sampling(max_new_tokens)
     rows, new_tokens = [], 0
     with bar() as progress:
@@ -52,7 +56,7 @@ def quality_pass(label, endpoint, messages_of, examples, batch_size, max_new_tok
         for i in range(0, len(examples), batch_size):
             batch = examples[i : i + batch_size]
             task = registry().get("task", batch[0]["task"])
-            episodes = rollout.sample(endpoint, task, batch, messages_of, greedy, lambda e, step: 0, 1, max_steps)
+            episodes = rollout.sample(endpoint, task, batch, messages_of, greedy, lambda e, step: 0, 1, max_steps, constraint_of)
             for e, ep in zip(batch, episodes):
                 g = ep.combined()
                 trace = {"messages": ep.messages} if ep.multi_turn else {}
@@ -94,19 +98,21 @@ class Loader:
         return endpoint
 
 
-def latency_pass(label, endpoint, messages_of, examples, n, max_new_tokens) -> list[float]:
+def latency_pass(label, endpoint, messages_of, examples, n, max_new_tokens, constraint_of=None) -> list[float]:
     local = local_model(endpoint)
     latencies = []
     with bar() as progress:
         job = add(progress, f"latency {label}", min(n, len(examples)), "req")
         for e in examples[:n]:
             if local is not None:  # cold request: no prefix cache, the whole prompt processed
-                seconds, _ = generation.timed_request(local, endpoint.tokenizer, messages_of(e), max_new_tokens, toolcalls.parse)
+                seconds, _ = generation.timed_request(local, endpoint.tokenizer, messages_of(e), max_new_tokens, toolcalls.parse,
+                                                      constraint_of(e) if constraint_of else None)  # fmt: skip
             else:  # remote (HTTP included) or llama.cpp in process
                 if hasattr(endpoint, "forget"):  # llama.cpp: a cold request too, no prefix reused
                     endpoint.forget()
                 t1 = time.perf_counter()
-                toolcalls.parse(endpoint.complete([messages_of(e)], Sampling(max_new_tokens), [0], 0)[0].text)
+                held = {"constraints": [constraint_of(e)]} if constraint_of else {}
+                toolcalls.parse(endpoint.complete([messages_of(e)], Sampling(max_new_tokens), [0], 0, **held)[0].text)
                 seconds = time.perf_counter() - t1
             latencies.append(seconds)
             advance(progress, job)
@@ -170,6 +176,10 @@ def run(ctx: StageContext) -> None:
     if ecfg.previous is not None:  # an earlier student on the same examples (self-distillation's guard)
         previous_dir = versions.model_folder(ecfg.previous, ecfg.registry)
         candidates.append(("previous", lambda: load_local("previous", previous_dir), task.student_messages))
+    constraint_of = {}  # label -> the format its turns are held to
+    if ecfg.constrain != "none":  # the same student under the grammar, beside the free one
+        candidates.append(("student_constrained", lambda: load_local("student_constrained", student_dir), task.student_messages))
+        constraint_of["student_constrained"] = lambda e: constrained.for_example(e, ecfg.constrain)
     if ecfg.engine == "llamacpp":  # the quantized student in the GGUF format asked for, smoothing folded
         q_label = f"student_{ecfg.gguf_quantize}"
         candidates.append((q_label, lambda: load_local(q_label, student_dir, smoothing=smoothing, gguf_format=ecfg.gguf_quantize),
@@ -178,7 +188,7 @@ def run(ctx: StageContext) -> None:
         candidates.append((f"student_{quantize.split('_')[0]}", lambda: load_local("student_int8", student_dir, quantize, smoothing),
                            task.student_messages))  # fmt: skip
     results, rows_of, dev_rows_of, extra, measured = {}, {}, {}, {}, {}
-    routed = next((c[0] for c in candidates if c[0].startswith("student_")), "student")  # the served student: quantized when it is
+    routed = next((c[0] for c in candidates if c[0].startswith("student_") and c[0] not in constraint_of), "student")  # the served student: quantized when it is
     auto_confidence = ecfg.confidence == "auto"
     need_dev = ({"student"} if ecfg.fit_temperature or auto_confidence else set()) | ({"teacher", routed} if cfg.route.enabled else set())
     dev = read_split(ctx.inputs["prepare"], "dev") if need_dev else []
@@ -187,8 +197,9 @@ def run(ctx: StageContext) -> None:
         with PeakMemory() as mem:
             endpoint = load()
             rows, new_tokens, batch_s = quality_pass(label, endpoint, messages_of, mine, ecfg.batch_size, ecfg.max_new_tokens,
-                                                     measures, ecfg.max_tool_steps)  # fmt: skip
-            latencies = latency_pass(label, endpoint, messages_of, mine, ecfg.latency_requests, ecfg.max_new_tokens)
+                                                     measures, ecfg.max_tool_steps, constraint_of.get(label))  # fmt: skip
+            latencies = latency_pass(label, endpoint, messages_of, mine, ecfg.latency_requests, ecfg.max_new_tokens,
+                                     constraint_of.get(label))  # fmt: skip
             if label == "teacher" and teacher.context != "none" and ecfg.latency_requests:  # what the context costs
                 bare = latency_pass("teacher without context", endpoint, lambda e: task.teacher_messages(e, "none"),
                                     examples, ecfg.latency_requests, ecfg.max_new_tokens)  # fmt: skip
@@ -225,6 +236,13 @@ def run(ctx: StageContext) -> None:
         out["deltas_student_vs_previous"] = paired_deltas(rows_of["previous"], rows_of["student"], ecfg.metrics, seed)
     if "pool_only" in results:  # what distillation adds over the labelled pool alone
         out["deltas_student_vs_pool_only"] = paired_deltas(rows_of["pool_only"], rows_of["student"], ecfg.metrics, seed)
+    if "student_constrained" in results:  # what the grammar changes: same model, same examples (ratios > 1: constrained is slower)
+        c, f = results["student_constrained"], results["student"]
+        out["constrained_vs_student"] = {
+            "deltas": metrics.deltas(rows_of["student"], rows_of["student_constrained"], ecfg.metrics, None, seed)["all"],
+            "latency_p50_ratio": round(c["latency_p50_ms"] / max(f["latency_p50_ms"], 1e-9), 3),
+            "time_per_token_ratio": round(f["tokens_per_s"] / max(c["tokens_per_s"], 1e-9), 3),
+        }  # fmt: skip
     if "teacher_shipped" in results:  # what teacher correction bought
         out["deltas_teacher_vs_shipped"] = paired_deltas(rows_of["teacher_shipped"], rows_of["teacher"], ecfg.metrics, seed)
     for label in results:

@@ -28,6 +28,9 @@ Every prompt runs as an episode against the task's tools (``rollout``): a single
 turn; a multi-step example goes on while the teacher makes calls (``signals.max_tool_steps``). A
 trace's ``text``, tokens and log-probs are its assistant turns joined; it has no top-k.
 
+With ``signals.constrain: tools`` every teacher turn is decoded under a grammar (``constrained``): its
+tool calls name an offered tool and carry arguments valid for that tool's schema; free text stays free.
+
 With ``signals.score_references``, ``shards/references.parquet`` holds the teacher's teacher-forced
 scores of each clean reference (same columns, ``candidate`` = -1).
 """
@@ -44,7 +47,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stillroom import atomic, rollout
+from stillroom import atomic, constrained, rollout
 from stillroom.plugins import registry
 from stillroom.progress import add, advance, bar
 from stillroom.rundir import StageContext, sha256_json
@@ -91,16 +94,18 @@ def record(example_id: str, candidate: int, teacher_id: str, g, *, greedy: bool,
 
 def sample_records(endpoint, generator_id: str, task, examples: list[dict], messages_of, *, n: int, include_greedy: bool,
                    temperature: float, top_p: float, max_new_tokens: int, seed_of, top_k: int, max_steps: int,
-                   batch_size: int) -> Iterator[list[tuple[dict, rollout.Episode, dict]]]:  # fmt: skip
+                   batch_size: int, constraint_of=None) -> Iterator[list[tuple[dict, rollout.Episode, dict]]]:  # fmt: skip
     """``n`` candidates per example (the first greedy when ``include_greedy``), played out as episodes
     against the task's tools, batch by batch: (example, episode, store row) for each example of a
-    batch. ``seed_of(example, candidate, step)`` seeds each sampled turn."""
+    batch. ``seed_of(example, candidate, step)`` seeds each sampled turn; ``constraint_of(example)``
+    (``constrained``) holds each turn to a format."""
     for c in range(n):
         greedy = include_greedy and c == 0
         sampling = Sampling(max_new_tokens, not greedy, temperature, top_p)
         for b in range(0, len(examples), batch_size):
             batch = examples[b : b + batch_size]
-            episodes = rollout.sample(endpoint, task, batch, messages_of, sampling, lambda e, step, c=c: seed_of(e, c, step), top_k, max_steps)
+            episodes = rollout.sample(endpoint, task, batch, messages_of, sampling, lambda e, step, c=c: seed_of(e, c, step), top_k, max_steps,
+                                      constraint_of)  # fmt: skip
             yield [(e, ep, record(e["id"], c, generator_id, ep.combined(), greedy=greedy, temperature=0.0 if greedy else temperature,
                                   top_p=1.0 if greedy else top_p, seed=0 if greedy else seed_of(e, c, 0),
                                   messages=ep.messages if ep.multi_turn else None))
@@ -154,6 +159,7 @@ def run(ctx: StageContext) -> None:
     ctx.timings["load_teacher_s"] = round(time.time() - t0, 3)
     store_schema = schema(teacher.vocab_size)
     new_tokens, started = 0, time.time()
+    constraint_of = (lambda e: constrained.for_example(e, s.constrain)) if s.constrain != "none" else None  # noqa: E731
     with bar() as progress:
         job = add(progress, "teacher candidates", sum(len(shards[i]) for i in todo) * s.n, "cand")
         for i in todo:
@@ -162,7 +168,7 @@ def run(ctx: StageContext) -> None:
             for batch in sample_records(teacher, teacher.id, task, shards[i], lambda e: task.teacher_messages(e, ctx.teacher.context),
                                         n=s.n, include_greedy=s.include_greedy, temperature=s.temperature, top_p=s.top_p,
                                         max_new_tokens=s.max_new_tokens, seed_of=seed_of, top_k=s.top_k, max_steps=s.max_tool_steps,
-                                        batch_size=s.batch_size):  # fmt: skip
+                                        batch_size=s.batch_size, constraint_of=constraint_of):  # fmt: skip
                 rows += [row for _, _, row in batch]
                 new_tokens += sum(len(row["token_ids"]) for _, _, row in batch)
                 advance(progress, job, len(batch), info=f"{new_tokens / (time.time() - started):.1f} tok/s")

@@ -92,6 +92,7 @@ def blocks(cfg, results: dict, verdict: dict, card: dict, mix_card: dict, manife
         ("chart", "reliability", charts.reliability_diagram(models), "reliability diagram"),
         ("chart", "per_slice", charts.per_slice(models), "task success per slice"),
         *_compression_and_cascade(results, models),
+        *_constrained(results, models),
         ("h2", "Calibration"),
         ("p", f"Confidence: {s['confidence'].replace('_', ' ')}; {cfg.eval.calibration_bins} equal-width bins."
               + (f" Chosen by rule (`eval.confidence: auto`): the lowest ECE on the student's {s['confidence_choice']['dev_examples']} "
@@ -172,6 +173,19 @@ def _previous(results: dict, models: dict) -> list[tuple]:
             ("p", "The earlier student (`eval.previous`) on the same held-out examples: self-distillation must not amplify its "
                   "own mistakes."),
             ("table", ["layer", "previous", "this student", "this - previous (points)"], rows)]
+
+
+def _constrained(results: dict, models: dict) -> list[tuple]:
+    """The student with and without its tool calls held to the offered tools' schemas (``eval.constrain``)."""
+    c = results.get("constrained_vs_student")
+    if not c:
+        return []
+    d = c["deltas"]
+    return [("h2", "Constrained decoding"),
+            ("p", f"The same student with its tool calls held by a grammar to the offered tools' schemas, on the same examples: "
+                  f"task success {_delta(d['task_success'])} points, format validity {_delta(d.get('format_validity'))} points "
+                  f"({_ci(models['student_constrained']['metrics'].get('format_validity'))} constrained); time per generated token "
+                  f"{c['time_per_token_ratio']}x, p50 latency {c['latency_p50_ratio']}x the free student's.")]  # fmt: skip
 
 
 def _compression_and_cascade(results: dict, models: dict) -> list[tuple]:

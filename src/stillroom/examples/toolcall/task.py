@@ -27,7 +27,7 @@ import re
 from functools import cached_property
 from pathlib import Path
 
-from stillroom import toolcalls
+from stillroom import chat_data, toolcalls
 from stillroom.examples.toolcall import tools as trace_tools
 from stillroom.examples.toolcall import values as arg_values
 from stillroom.tasks import Verdict
@@ -416,6 +416,22 @@ class ToolCallTask:
 
     def student_messages(self, example: dict) -> list[dict]:
         return self.teacher_messages(example, context="none")
+
+    def served_messages(self, conversation: list[dict], tools: list[dict], options: dict) -> list[dict]:
+        """A served OpenAI conversation (``chat_wire``) as the student saw such turns in training: the
+        student's system prompt (a client's own replaces it), the offered tools as signature lines
+        before the first user turn's text, calls as ``<tool_call>`` blocks, results as
+        ``<tool_response>`` turns. Without tools the turns go as they are (a client may have written
+        the tools into its user turn in this format itself)."""
+        turns = chat_data.text_messages(conversation)
+        if not tools:
+            return turns
+        system = next((m for m in turns if m["role"] == "system"), {"role": "system", "content": STUDENT_SYSTEM})
+        rest = [m for m in turns if m["role"] != "system"]
+        first = next((i for i, m in enumerate(rest) if m["role"] == "user"), None)
+        if first is not None:
+            rest[first] = {"role": "user", "content": user_turn([render_tool(t) for t in tools], rest[first]["content"])}
+        return [system, *rest]
 
     def with_teacher_context(self, messages: list[dict]) -> list[dict]:
         """A served conversation (the student's view) as the teacher sees it: the rules as system prompt
