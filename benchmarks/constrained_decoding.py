@@ -12,7 +12,7 @@ valid call). A second set asks for a JSON answer under a small fixed schema (``r
 Every prompt is answered greedily one request at a time, free and constrained in alternating order.
 
 Prints JSON per set: format validity (a finished output that meets the constraint) with and without,
-task success with and without (tool set), time per generated token (prefill included, the same prompt
+task success with and without and the paired change with its 95% bootstrap interval (tool set), time per generated token (prefill included, the same prompt
 both ways) and its ratio, and the grammar's compile time (cache cleared, per distinct constraint).
 """
 
@@ -33,8 +33,9 @@ JSON_PROMPTS = [f"Give the forecast request for {c} as JSON with city, unit and 
 
 
 def measure(model, tokenizer, prompts: list[list[dict]], constraints: list[dict], max_tokens: int, judge=None) -> dict:
-    from stillroom import constrained, generation
+    from stillroom import constrained, generation, metrics
 
+    passed = {"free": {}, "constrained": {}}  # example -> 1.0 / 0.0, for the paired interval
     out = {"free": {"valid": 0, "passed": 0, "tokens": 0, "seconds": 0.0}, "constrained": {"valid": 0, "passed": 0, "tokens": 0, "seconds": 0.0}}
     for i, (messages, c) in enumerate(zip(prompts, constraints)):
         order = ("free", "constrained") if i % 2 == 0 else ("constrained", "free")
@@ -47,7 +48,8 @@ def measure(model, tokenizer, prompts: list[list[dict]], constraints: list[dict]
             o["seconds"] += seconds
             o["tokens"] += len(g.token_ids) + int(g.finished)
             o["valid"] += g.finished and constrained.satisfied(c, g.text)
-            o["passed"] += bool(judge and judge(i, g.text))
+            passed[mode][str(i)] = float(bool(judge and judge(i, g.text)))
+            o["passed"] += passed[mode][str(i)]
     n = len(prompts)
     per_token = {m: o["seconds"] / max(o["tokens"], 1) for m, o in out.items()}
     compile_ms = []
@@ -59,7 +61,8 @@ def measure(model, tokenizer, prompts: list[list[dict]], constraints: list[dict]
     return {
         "prompts": n,
         "format_validity": {m: round(o["valid"] / n, 4) for m, o in out.items()},
-        **({"task_success": {m: round(o["passed"] / n, 4) for m, o in out.items()}} if judge else {}),
+        **({"task_success": {m: metrics.summary(list(passed[m].values())) for m in out},
+            "task_success_change": metrics.paired_delta(passed["free"], passed["constrained"])} if judge else {}),  # constrained - free
         "mean_new_tokens": {m: round(o["tokens"] / n, 1) for m, o in out.items()},
         "ms_per_token": {m: round(1000 * v, 3) for m, v in per_token.items()},
         "per_token_overhead_ratio": round(per_token["constrained"] / per_token["free"], 3),
