@@ -36,7 +36,7 @@ def measure(model, tokenizer, prompts: list[list[dict]], constraints: list[dict]
     from stillroom import constrained, generation, metrics
 
     passed = {"free": {}, "constrained": {}}  # example -> 1.0 / 0.0, for the paired interval
-    out = {"free": {"valid": 0, "passed": 0, "tokens": 0, "seconds": 0.0}, "constrained": {"valid": 0, "passed": 0, "tokens": 0, "seconds": 0.0}}
+    out = {m: {"valid": 0, "finished": 0, "passed": 0, "tokens": 0, "seconds": 0.0} for m in ("free", "constrained")}
     for i, (messages, c) in enumerate(zip(prompts, constraints)):
         order = ("free", "constrained") if i % 2 == 0 else ("constrained", "free")
         for mode in order:
@@ -48,6 +48,7 @@ def measure(model, tokenizer, prompts: list[list[dict]], constraints: list[dict]
             o["seconds"] += seconds
             o["tokens"] += len(g.token_ids) + int(g.finished)
             o["valid"] += g.finished and constrained.satisfied(c, g.text)
+            o["finished"] += g.finished
             passed[mode][str(i)] = float(bool(judge and judge(i, g.text)))
             o["passed"] += passed[mode][str(i)]
     n = len(prompts)
@@ -61,6 +62,8 @@ def measure(model, tokenizer, prompts: list[list[dict]], constraints: list[dict]
     return {
         "prompts": n,
         "format_validity": {m: round(o["valid"] / n, 4) for m, o in out.items()},
+        "finished": {m: o["finished"] for m, o in out.items()},  # the rest were cut by max_tokens
+        "valid_among_finished": {m: round(o["valid"] / max(o["finished"], 1), 4) for m, o in out.items()},
         **({"task_success": {m: metrics.summary(list(passed[m].values())) for m in out},
             "task_success_change": metrics.paired_delta(passed["free"], passed["constrained"])} if judge else {}),  # constrained - free
         "mean_new_tokens": {m: round(o["tokens"] / n, 1) for m, o in out.items()},
