@@ -36,7 +36,7 @@ def measure(model, tokenizer, prompts: list[list[dict]], constraints: list[dict]
     from stillroom import constrained, generation, metrics
 
     passed = {"free": {}, "constrained": {}}  # example -> 1.0 / 0.0, for the paired interval
-    out = {m: {"valid": 0, "finished": 0, "passed": 0, "tokens": 0, "seconds": 0.0} for m in ("free", "constrained")}
+    out = {m: {"valid": 0, "finished": 0, "tokens": 0, "seconds": 0.0} for m in ("free", "constrained")}
     for i, (messages, c) in enumerate(zip(prompts, constraints)):
         order = ("free", "constrained") if i % 2 == 0 else ("constrained", "free")
         for mode in order:
@@ -50,7 +50,6 @@ def measure(model, tokenizer, prompts: list[list[dict]], constraints: list[dict]
             o["valid"] += g.finished and constrained.satisfied(c, g.text)
             o["finished"] += g.finished
             passed[mode][str(i)] = float(bool(judge and judge(i, g.text)))
-            o["passed"] += passed[mode][str(i)]
     n = len(prompts)
     per_token = {m: o["seconds"] / max(o["tokens"], 1) for m, o in out.items()}
     compile_ms = []
