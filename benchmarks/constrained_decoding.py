@@ -75,7 +75,8 @@ def measure(model, tokenizer, prompts: list[list[dict]], constraints: list[dict]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", help="a finished run: its student (train/model) on its held-out split")
-    ap.add_argument("--model", help="a model folder (default: a tiny random Llama built here)")
+    ap.add_argument("--model", help="a model folder (default: a tiny random Llama built here; with --run, instead of its student, "
+                                    "e.g. runs/demo/adapt/model for the corrected teacher on the student's prompt)")
     ap.add_argument("--examples", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--choice", choices=["auto", "required"], default="auto")
@@ -93,7 +94,7 @@ def main() -> None:
         cfg = yaml.safe_load((run / "config.yaml").read_text())
         task = registry().get("task", cfg["data"]["task"])
         examples = read_split(run / "prepare", cfg["eval"]["split"])
-        folder = str(run / "train" / "model")
+        folder = args.model or str(run / "train" / "model")
     else:
         task = registry().get("task", "toolcall")
         examples = task.build_examples(4 * args.examples, {"core": 0.5, "failure": 0.25, "long_tail": 0.25}, seed=0, held_out_functions=6)

@@ -1,20 +1,28 @@
-"""How much of the teacher a depth-pruned student keeps before any training.
+"""How much of the teacher a pruned student keeps, before any training and after a short heal.
 
-    python benchmarks/pruning.py [--keep 10 15 20] [--examples 48] [--teacher runs/demo/adapt/model]
+    python benchmarks/pruning.py [--keep 10 15 20] [--examples 48] [--teacher runs/demo/adapt/model] [--heal-steps 0]
 
-For each layer count, students pruned from the demo teacher in several ways (evenly spaced, by
-measured importance, the first layers plus the last), and the teacher itself with and without its
-few-shot context: the cross-entropy (nats per token) of the clean reference answers of dev and train
-examples, teacher-forced behind the student's context-free prompt. Lower is better; the teacher
-without its context is the baseline a student starts from at best, the teacher with it the level the
-distillation aims at. Importance scores (``models.layer_importance``) are measured on other training
-examples than the ones scored. Prints one JSON object; nothing is trained.
+For each layer count, students pruned from the demo teacher in several ways: by depth (evenly spaced,
+by measured importance, the first layers plus the last), and at the same parameter budget by width
+(every layer, each MLP keeping its most active channels: ``models.prune_width``) and by both (half the
+dropped layers, the rest of the budget taken from the MLPs' width); widths are multiples of 32 (GGUF
+blocks) and never above the depth student's parameter count. The teacher itself is scored with and
+without its few-shot context: the cross-entropy (nats per token) of the clean reference answers of dev
+and train examples, teacher-forced behind the student's context-free prompt. Lower is better; the
+teacher without its context is the baseline a student starts from at best, the teacher with it the
+level the distillation aims at. Importance scores (layers: ``models.layer_importance``, channels:
+``models.mlp_channel_importance``) are measured on other training examples than the ones scored.
+With ``--heal-steps N``, each student is also trained N AdamW steps (8 rows, lr 3e-4, the loss on the
+reference answer only) on further training examples, the same rows in the same order for every
+student, and scored again: pruning losses right after the cut do not rank students the way training
+does (Minitron), so the healed figure is the one to choose by. Prints one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -34,11 +42,54 @@ def reference_ce(model, tokenizer, examples, messages_of) -> float:
     return round(total / count, 3)
 
 
+def heal(model, tokenizer, examples, messages_of, steps: int, batch: int = 8, lr: float = 3e-4) -> list[float]:
+    """``steps`` AdamW steps of SFT on the reference answers (prompt tokens masked); returns the losses."""
+    from stillroom import generation
+
+    torch.manual_seed(0)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    losses = []
+    for step in range(steps):
+        rows = [examples[(step * batch + i) % len(examples)] for i in range(batch)]
+        ids, labels = [], []
+        for e in rows:
+            prompt = tokenizer(generation.render(tokenizer, messages_of(e)), add_special_tokens=False)["input_ids"]
+            target = tokenizer(e["reference"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+            ids.append(prompt + target)
+            labels.append([-100] * len(prompt) + target)
+        width = max(map(len, ids))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        x = torch.tensor([r + [pad] * (width - len(r)) for r in ids])
+        y = torch.tensor([r + [-100] * (width - len(r)) for r in labels])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids])
+        loss = model(input_ids=x, attention_mask=mask, labels=y).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(round(loss.item(), 4))
+    model.eval()
+    return losses
+
+
+def width_for(teacher, layers: int, budget: int) -> int:
+    """The widest MLP (a multiple of 32) a ``layers``-layer student fits in ``budget`` parameters."""
+    from stillroom import models
+
+    per_layer = models.n_params(teacher.get_decoder().layers[0])
+    per_channel = 3 * teacher.config.hidden_size  # a row of gate_proj and up_proj, a column of down_proj
+    full = models.n_params(teacher) - (teacher.config.num_hidden_layers - layers) * per_layer
+    width = teacher.config.intermediate_size - -(-(full - budget) // (per_channel * layers))
+    return max(32, min(width, teacher.config.intermediate_size) // 32 * 32)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keep", type=int, nargs="+", default=[10, 15, 20], help="layer counts to compare")
     ap.add_argument("--examples", type=int, default=48, help="reference answers scored")
     ap.add_argument("--importance-samples", type=int, default=32, help="training texts the importance is measured on")
+    ap.add_argument("--heal-steps", type=int, default=0, help="train each student this many steps, then score again")
+    ap.add_argument("--ways", nargs="+", default=["evenly_spaced", "importance", "first_and_last", "width", "depth_and_width"])
     ap.add_argument("--teacher", default="default", help="the teacher to prune: `default` (as shipped) or a folder, e.g. the demo's corrected teacher runs/demo/adapt/model")
     args = ap.parse_args()
 
@@ -62,14 +113,28 @@ def main() -> None:
     scores = models.layer_importance(teacher, tokenizer, [generation.render(tokenizer, task.student_messages(e)) + e["reference"] for e in sampled])
     out["layer_importance"] = [round(s, 4) for s in scores]
     out["students"] = []
+    healing = examples[args.examples + args.importance_samples :]
+    texts = [generation.render(tokenizer, task.student_messages(e)) + e["reference"] for e in sampled]
     for k in args.keep:
-        ways = {"evenly_spaced": models.evenly_spaced(n, k), "importance": models.most_important(scores, k),
-                "first_and_last": [*range(k - 1), n - 1]}  # fmt: skip
-        for way, keep in ways.items():
+        budget = models.n_params(models.prune_depth(teacher, k)[0])
+        mid = (n + k) // 2
+        ways = {"evenly_spaced": (models.evenly_spaced(n, k), None), "importance": (models.most_important(scores, k), None),
+                "first_and_last": ([*range(k - 1), n - 1], None), "width": (list(range(n)), width_for(teacher, n, budget)),
+                "depth_and_width": (models.most_important(scores, mid), width_for(teacher, mid, budget))}  # fmt: skip
+        for way in args.ways:
+            keep, width = ways[way]
             student, layers = models.prune_depth(teacher, keep)
+            if width is not None:
+                student, _ = models.prune_width(student, width, models.mlp_channel_importance(student, tokenizer, texts))
             ce = reference_ce(student, tokenizer, scored, task.student_messages)
-            out["students"].append({"layers": k, "prune_by": way, "kept": layers, "reference_ce": ce,
-                                    "ratio_to_teacher_without_context": round(ce / out["teacher_without_context"], 2)})  # fmt: skip
+            row = {"layers": len(layers), "for_depth": k, "prune_by": way, "kept": layers,
+                   "intermediate_size": student.config.intermediate_size, "params": models.n_params(student), "reference_ce": ce,
+                   "ratio_to_teacher_without_context": round(ce / out["teacher_without_context"], 2)}  # fmt: skip
+            if args.heal_steps:
+                row["heal_losses"] = heal(student, tokenizer, healing, task.student_messages, args.heal_steps)
+                row["healed_reference_ce"] = reference_ce(student, tokenizer, scored, task.student_messages)
+            out["students"].append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
             del student
     out["seconds"] = round(time.time() - t0, 1)
     print(json.dumps(out, indent=1))

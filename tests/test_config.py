@@ -105,6 +105,8 @@ def test_defaults_form_a_valid_pipeline():
         (["train.teacher_mode=online", "train.kd_weight=1", "teacher.backend=openai", "teacher.url=http://x/v1",
           "student.pruned_from=null", "student.model=default"], "teacher_mode: online runs the teacher"),
         (["student.prune_by=importance", "student.keep_layers=[0, 3]"], "give keep_layers as a count"),
+        (["student.pruned_from=null", "student.model=default", "student.keep_intermediate=512"], "keep_intermediate prunes"),
+        (["student.keep_intermediate=0"], "student.keep_intermediate"),
         (["train.kd_weight=1", "signals.top_k=0"], "or use train.teacher_mode: online"),
         (["train.kd_loss=kl"], "forward_kl"),
         (["train.kd_beta=1.0"], "train.kd_beta"),

@@ -26,6 +26,53 @@ def test_depth_pruning_copies_the_chosen_layers(tiny_model_dir, tmp_path):
     assert torch.allclose(reloaded(ids).logits, student(ids).logits, atol=1e-6)
 
 
+def test_mlp_channel_importance_matches_a_naive_reference(tiny_model_dir):
+    model, tokenizer = models.load(str(tiny_model_dir))
+    texts = ["a short one", "a somewhat longer text that pads the other rows of its batch", "x"]
+    got = models.mlp_channel_importance(model, tokenizer, texts, batch_size=2)
+    want = [torch.zeros(model.config.intermediate_size, dtype=torch.float64) for _ in model.model.layers]
+    count = 0
+    for text in texts:  # one text at a time: no padding to mask
+        seen = {}
+        handles = [layer.mlp.down_proj.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, a[0][0]))
+                   for i, layer in enumerate(model.model.layers)]  # fmt: skip
+        with torch.no_grad():
+            model(**tokenizer(text, return_tensors="pt"))
+        for h in handles:
+            h.remove()
+        for i, x in seen.items():
+            want[i] += x.abs().double().sum(0)
+        count += x.shape[0]
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, (w / count).float(), rtol=1e-4, atol=1e-6)
+
+
+def test_width_pruning_computes_the_original_with_the_dropped_channels_zeroed(tiny_model_dir, tmp_path):
+    model, tokenizer = models.load(str(tiny_model_dir))
+    width = model.config.intermediate_size
+    importance = [torch.rand(width, generator=torch.Generator().manual_seed(i)) for i in range(len(model.model.layers))]
+    pruned, kept = models.prune_width(model, 24, importance)
+    assert pruned.config.intermediate_size == 24 and pruned.config.num_hidden_layers == model.config.num_hidden_layers
+    assert kept[1] == sorted(torch.argsort(importance[1], descending=True)[:24].tolist())
+    assert models.n_params(pruned) == models.n_params(model) - 3 * model.config.hidden_size * (width - 24) * len(kept)
+    masked = AutoModelForCausalLM.from_pretrained(tiny_model_dir, use_safetensors=True).eval()
+    with torch.no_grad():
+        for layer, keep in zip(masked.model.layers, kept):
+            drop = torch.ones(width, dtype=torch.bool)
+            drop[keep] = False
+            layer.mlp.down_proj.weight[:, drop] = 0.0
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        assert torch.allclose(pruned(ids).logits, masked(ids).logits, atol=1e-5)
+        assert not torch.allclose(pruned(ids).logits, model(ids).logits, atol=1e-3)  # the dropped channels mattered
+    models.save(pruned, tokenizer, tmp_path / "narrow")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "narrow", use_safetensors=True)
+    assert torch.allclose(reloaded(ids).logits, pruned(ids).logits, atol=1e-6)
+    with pytest.raises(ValueError, match="cannot keep 65 of 64"):
+        models.prune_width(model, 65, importance)
+
+
 def test_default_teacher_loads_from_the_installed_gguf_and_is_cached():
     folder = models.default_model_dir()
     assert (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists()

@@ -151,6 +151,16 @@ def test_importance_pruning_keeps_the_layers_that_change_the_hidden_state_most(p
     assert c["layers"] == sorted(sorted(range(4), key=lambda i: -scores[i])[:2])
 
 
+def test_width_pruning_keeps_the_most_active_mlp_channels_of_the_kept_layers(prepared):
+    cfg, run = variant(prepared, "narrow", {"epochs": 1}, {"prune_by": "importance", "keep_layers": 3, "keep_intermediate": 40})
+    cli("train", cfg)
+    c = counts(run)
+    assert c["intermediate_size"] == {"teacher": 64, "kept": 40} and len(c["layers"]) == 3
+    student = json.loads((run / "train" / "model" / "config.json").read_text())
+    assert student["intermediate_size"] == 40 and student["num_hidden_layers"] == 3
+    assert all(w.shape[-1] == 40 for k, w in weights(run).items() if k.endswith("down_proj.weight"))
+
+
 def test_early_stopping_restores_the_best_dev_weights(prepared):
     cfg, run = variant(prepared, "early", {"epochs": 8, "lr": 0.05, "eval_every": 1, "early_stopping_patience": 2,
                                            "warmup_fraction": 0.0})  # fmt: skip

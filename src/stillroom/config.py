@@ -109,7 +109,10 @@ class StudentConfig(Section):
     pruned_from: Literal["teacher"] | None = None  # build the student from the teacher's layers
     keep_layers: int | list[int] = 10  # count, or explicit indices of teacher layers
     prune_by: Literal["evenly_spaced", "importance"] = "evenly_spaced"  # which `keep_layers` layers (a count) to keep
-    importance_samples: int = Field(32, ge=1)  # training texts the layer importance is measured on
+    # width pruning: MLP channels kept in every layer, the ones firing most on `importance_samples` texts
+    # (null: the teacher's width); a multiple of 32 keeps the student exportable to GGUF q8_0/q4_0 blocks
+    keep_intermediate: int | None = Field(None, ge=1)
+    importance_samples: int = Field(32, ge=1)  # training texts the layer and channel importance is measured on
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
     @field_validator("model")
@@ -130,6 +133,8 @@ class StudentConfig(Section):
     def _one_source(self) -> StudentConfig:
         if (self.model is None) == (self.pruned_from is None):
             raise ValueError("set exactly one of `model` (a folder) or `pruned_from: teacher`")
+        if self.keep_intermediate is not None and self.pruned_from is None:
+            raise ValueError("keep_intermediate prunes the teacher's MLP width: it needs `pruned_from: teacher`")
         if self.prune_by == "importance" and isinstance(self.keep_layers, list):
             raise ValueError("prune_by: importance chooses the layers itself; give keep_layers as a count")
         return self

@@ -299,7 +299,8 @@ def student_texts(messages_of, examples: dict, mixture: list[dict], tokenizer, n
 
 def build_student(cfg, teacher_cfg, sample_texts):
     """1) The student: pruned from the (corrected, where ``adapt`` ran) teacher's layers (evenly
-    spaced, or the most important on ``sample_texts(tokenizer, n)``), or loaded from a folder."""
+    spaced, or the most important on ``sample_texts(tokenizer, n)``), then, with ``keep_intermediate``,
+    its MLP channels (the most active on the same texts), or loaded from a folder."""
     s = cfg.student
     if s.pruned_from == "teacher":
         teacher, tokenizer = models.load(teacher_cfg.model, "float32")
@@ -311,6 +312,11 @@ def build_student(cfg, teacher_cfg, sample_texts):
             origin["layer_importance"] = [round(x, 5) for x in scores]
         student, layers = models.prune_depth(teacher, keep)
         del teacher
+        if s.keep_intermediate is not None:  # then the kept layers' MLP channels, measured on the depth-pruned student
+            width = student.config.intermediate_size
+            importance = models.mlp_channel_importance(student, tokenizer, sample_texts(tokenizer, s.importance_samples))
+            student, _ = models.prune_width(student, s.keep_intermediate, importance)
+            origin["intermediate_size"] = {"teacher": width, "kept": s.keep_intermediate}
         return student.to(models.DTYPES[s.dtype]), tokenizer, {**origin, "layers": layers}
     student, tokenizer = models.load(s.model, s.dtype)
     return student, tokenizer, {"from": s.model}
