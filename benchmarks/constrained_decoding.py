@@ -3,6 +3,7 @@ grammar costs per generated token, measured in the same run on the same prompts.
 
     python benchmarks/constrained_decoding.py                      # a tiny random model built here
     python benchmarks/constrained_decoding.py --run runs/demo      # the run's student on its held-out split
+    python benchmarks/constrained_decoding.py --run runs/demo --model runs/demo/adapt/model   # its corrected teacher
     python benchmarks/constrained_decoding.py --model FOLDER [--choice required] [--examples 32]
 
 Prompts: single-turn tool-calling examples (the run's held-out split, or the built-in task's examples),

@@ -1,6 +1,6 @@
 """How much of the teacher a pruned student keeps, before any training and after a short heal.
 
-    python benchmarks/pruning.py [--keep 10 15 20] [--examples 48] [--teacher runs/demo/adapt/model] [--heal-steps 0]
+    python benchmarks/pruning.py [--keep 10 15 20] [--examples 48] [--teacher runs/demo/adapt/model] [--heal-steps 0] [--speed-prompts 0]
 
 For each layer count, students pruned from the demo teacher in several ways: by depth (evenly spaced,
 by measured importance, the first layers plus the last), and at the same parameter budget by width
@@ -15,7 +15,10 @@ level the distillation aims at. Importance scores (layers: ``models.layer_import
 With ``--heal-steps N``, each student is also trained N AdamW steps (8 rows, lr 3e-4, the loss on the
 reference answer only) on further training examples, the same rows in the same order for every
 student, and scored again: pruning losses right after the cut do not rank students the way training
-does (Minitron), so the healed figure is the one to choose by. Prints one JSON object.
+does (Minitron), so the healed figure is the one to choose by. With ``--speed-prompts N``, each student
+and the teacher (timed again right before each student) decode N prompts greedily one at a time, 32
+tokens each, best of 3 passes: what a request costs depends on the layer count as much as on the
+parameters. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -72,6 +75,23 @@ def heal(model, tokenizer, examples, messages_of, steps: int, batch: int = 8, lr
     return losses
 
 
+def ms_per_token(model, tokenizer, examples, messages_of, new_tokens: int = 32, repeats: int = 3) -> float:
+    """Greedy decoding one request at a time, exactly ``new_tokens`` tokens each (no early stop), prefill
+    included: the best of ``repeats`` passes over ``examples``, in ms per generated token."""
+    from stillroom import generation
+
+    prompts = [tokenizer(generation.render(tokenizer, messages_of(e)), return_tensors="pt") for e in examples]
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for enc in prompts:
+                model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                               pad_token_id=tokenizer.eos_token_id)  # fmt: skip
+            best = min(best, time.perf_counter() - t)
+    return round(1000 * best / (new_tokens * len(prompts)), 2)
+
+
 def width_for(teacher, layers: int, budget: int) -> int:
     """The widest MLP (a multiple of 32) a ``layers``-layer student fits in ``budget`` parameters."""
     from stillroom import models
@@ -89,6 +109,7 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=48, help="reference answers scored")
     ap.add_argument("--importance-samples", type=int, default=32, help="training texts the importance is measured on")
     ap.add_argument("--heal-steps", type=int, default=0, help="train each student this many steps, then score again")
+    ap.add_argument("--speed-prompts", type=int, default=0, help="also time greedy decoding (ms per token, batch 1) on this many prompts")
     ap.add_argument("--ways", nargs="+", default=["evenly_spaced", "importance", "first_and_last", "width", "depth_and_width"])
     ap.add_argument("--teacher", default="default", help="the teacher to prune: `default` (as shipped) or a folder, e.g. the demo's corrected teacher runs/demo/adapt/model")
     args = ap.parse_args()
@@ -112,6 +133,7 @@ def main() -> None:
     }  # fmt: skip
     scores = models.layer_importance(teacher, tokenizer, [generation.render(tokenizer, task.student_messages(e)) + e["reference"] for e in sampled])
     out["layer_importance"] = [round(s, 4) for s in scores]
+    timed = examples[: args.speed_prompts]
     out["students"] = []
     healing = examples[args.examples + args.importance_samples :]
     texts = [generation.render(tokenizer, task.student_messages(e)) + e["reference"] for e in sampled]
@@ -130,6 +152,10 @@ def main() -> None:
             row = {"layers": len(layers), "for_depth": k, "prune_by": way, "kept": layers,
                    "intermediate_size": student.config.intermediate_size, "params": models.n_params(student), "reference_ce": ce,
                    "ratio_to_teacher_without_context": round(ce / out["teacher_without_context"], 2)}  # fmt: skip
+            if timed:  # the teacher timed again right before each student: a ratio of neighbours
+                row["teacher_ms_per_token"] = ms_per_token(teacher, tokenizer, timed, task.student_messages)
+                row["ms_per_token"] = ms_per_token(student, tokenizer, timed, task.student_messages)
+                row["speedup_vs_teacher"] = round(row["teacher_ms_per_token"] / row["ms_per_token"], 2)
             if args.heal_steps:
                 row["heal_losses"] = heal(student, tokenizer, healing, task.student_messages, args.heal_steps)
                 row["healed_reference_ce"] = reference_ce(student, tokenizer, scored, task.student_messages)

@@ -179,13 +179,13 @@ def mlp_channel_importance(model: PreTrainedModel, tokenizer: PreTrainedTokenize
 
     def hook(i):
         def fn(module, args, out):
-            total[i] += args[0][mask[0]].abs().double().sum(0)
+            total[i] += args[0][mask[0]].abs().double().sum(0).cpu()
         return fn
 
     handles = [m.down_proj.register_forward_hook(hook(i)) for i, m in enumerate(mlps)]
     try:
         for i in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+            enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length).to(model.device)
             mask[:] = [enc["attention_mask"].bool()]
             model(**enc)
             count += int(mask[0].sum())
