@@ -46,27 +46,20 @@ def reference_ce(model, tokenizer, examples, messages_of) -> float:
 
 
 def heal(model, tokenizer, examples, messages_of, steps: int, batch: int = 8, lr: float = 3e-4) -> list[float]:
-    """``steps`` AdamW steps of SFT on the reference answers (prompt tokens masked); returns the losses."""
+    """``steps`` AdamW steps of SFT on the reference answers, rows encoded and padded as the train stage
+    does (prompt tokens masked, end of turn appended); returns the losses."""
     from stillroom import generation
+    from stillroom.stages.train import collate, encode
 
     torch.manual_seed(0)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     losses = []
     for step in range(steps):
         rows = [examples[(step * batch + i) % len(examples)] for i in range(batch)]
-        ids, labels = [], []
-        for e in rows:
-            prompt = tokenizer(generation.render(tokenizer, messages_of(e)), add_special_tokens=False)["input_ids"]
-            target = tokenizer(e["reference"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
-            ids.append(prompt + target)
-            labels.append([-100] * len(prompt) + target)
-        width = max(map(len, ids))
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        x = torch.tensor([r + [pad] * (width - len(r)) for r in ids])
-        y = torch.tensor([r + [-100] * (width - len(r)) for r in labels])
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids])
-        loss = model(input_ids=x, attention_mask=mask, labels=y).loss
+        b = collate([encode(tokenizer, generation.render(tokenizer, messages_of(e)), e["reference"], 10**6, 1.0) for e in rows], pad)
+        loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -92,15 +85,22 @@ def ms_per_token(model, tokenizer, examples, messages_of, new_tokens: int = 32, 
     return round(1000 * best / (new_tokens * len(prompts)), 2)
 
 
-def width_for(teacher, layers: int, budget: int) -> int:
-    """The widest MLP (a multiple of 32) a ``layers``-layer student fits in ``budget`` parameters."""
+def params_with(teacher, layers: int, width: int) -> int:
+    """Parameters of a student with ``layers`` of the teacher's layers, each MLP ``width`` channels wide."""
     from stillroom import models
 
     per_layer = models.n_params(teacher.get_decoder().layers[0])
     per_channel = 3 * teacher.config.hidden_size  # a row of gate_proj and up_proj, a column of down_proj
-    full = models.n_params(teacher) - (teacher.config.num_hidden_layers - layers) * per_layer
-    width = teacher.config.intermediate_size - -(-(full - budget) // (per_channel * layers))
-    return max(32, min(width, teacher.config.intermediate_size) // 32 * 32)
+    dropped = teacher.config.num_hidden_layers - layers
+    return models.n_params(teacher) - dropped * per_layer - layers * per_channel * (teacher.config.intermediate_size - width)
+
+
+def width_for(teacher, layers: int, budget: int) -> int:
+    """The widest MLP (a multiple of 32) a ``layers``-layer student fits in ``budget`` parameters."""
+    full = teacher.config.intermediate_size
+    over = params_with(teacher, layers, full) - budget
+    width = full - -(-over // (3 * teacher.config.hidden_size * layers))
+    return max(32, min(width, full) // 32 * 32)
 
 
 def main() -> None:
@@ -131,14 +131,14 @@ def main() -> None:
         "teacher_with_context": reference_ce(teacher, tokenizer, scored, lambda e: task.teacher_messages(e, "few_shot")),
         "teacher_without_context": reference_ce(teacher, tokenizer, scored, task.student_messages),
     }  # fmt: skip
-    scores = models.layer_importance(teacher, tokenizer, [generation.render(tokenizer, task.student_messages(e)) + e["reference"] for e in sampled])
+    texts = [generation.render(tokenizer, task.student_messages(e)) + e["reference"] for e in sampled]
+    scores = models.layer_importance(teacher, tokenizer, texts)
     out["layer_importance"] = [round(s, 4) for s in scores]
     timed = examples[: args.speed_prompts]
     out["students"] = []
     healing = examples[args.examples + args.importance_samples :]
-    texts = [generation.render(tokenizer, task.student_messages(e)) + e["reference"] for e in sampled]
     for k in args.keep:
-        budget = models.n_params(models.prune_depth(teacher, k)[0])
+        budget = params_with(teacher, k, teacher.config.intermediate_size)
         mid = (n + k) // 2
         ways = {"evenly_spaced": (models.evenly_spaced(n, k), None), "importance": (models.most_important(scores, k), None),
                 "first_and_last": ([*range(k - 1), n - 1], None), "width": (list(range(n)), width_for(teacher, n, budget)),

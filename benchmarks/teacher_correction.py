@@ -11,9 +11,9 @@ the contamination check; cached like any run). ``--baseline-run`` adds a finishe
 run shipped without training it again; its held-out split must be the same examples (checked).
 
 The held-out split does not move with the pool (``prepare`` builds it from ``data.n_examples``). Every
-corrected teacher answers every single-turn held-out request (multi-step tasks need tool turns; the eval
-stage has them) greedily, behind the prompt ``teacher.context`` gives it, in batches, with the eval stage's
-token cap, and the task's own checker judges. Prints one JSON object: per teacher, the labelled records and
+corrected teacher answers every single-turn held-out request behind the prompt ``teacher.context`` gives
+it, through the eval stage's own pass (``evaluate.quality_pass``: greedy, batched, its token cap, the task's
+checker). Prints one JSON object: per teacher, the labelled records and
 optimizer steps it trained on, the adapt stage's seconds, held-out task success with its 95% bootstrap
 interval, on functions seen and never seen in training, and the paired difference against the first
 pool's teacher on the same examples.
@@ -37,28 +37,23 @@ def held_out(run: Path) -> list[dict]:
     return read_split(run / "prepare", load_config(run / "config.yaml").eval.split)
 
 
-def answer(folder: Path, examples: list[dict], messages_of, task, max_new_tokens: int, batch_size: int) -> dict[str, float]:
-    from stillroom import generation, models
+def answer(label: str, folder: Path, examples: list[dict], messages_of, ecfg) -> dict[str, float]:
+    """Each example's task success (1.0 / 0.0) as the eval stage measures it: its greedy pass, batched,
+    with its token cap, judged by the task's checker."""
+    from stillroom import metrics
+    from stillroom.stages.evaluate import quality_pass
+    from stillroom.teachers import HFTeacher
 
-    model, tokenizer = models.load(str(folder))
-    passed = {}
-    for i in range(0, len(examples), batch_size):
-        batch = examples[i : i + batch_size]
-        out = generation.generate(model, tokenizer, [generation.render(tokenizer, messages_of(e)) for e in batch], max_new_tokens=max_new_tokens)
-        passed.update({e["id"]: float(task.check(e, g.text).passed) for e, g in zip(batch, out)})
-    return passed
+    rows, _, _ = quality_pass(label, HFTeacher.load(str(folder)), messages_of, examples, ecfg.batch_size, ecfg.max_new_tokens,
+                              {"task_success": metrics.build("task_success")}, ecfg.max_tool_steps)  # fmt: skip
+    return {r["example_id"]: r["metrics"]["task_success"] for r in rows}
 
 
 def summary(passed: dict[str, float], unseen: set[str], seed: int) -> dict:
-    from stillroom.metrics import bootstrap_ci
+    from stillroom.metrics import summary as interval
 
-    def block(ids):
-        values = [passed[i] for i in ids]
-        lo, hi = bootstrap_ci(values, seed)
-        return {"n": len(values), "task_success": round(sum(values) / len(values), 4), "lo": round(lo, 4), "hi": round(hi, 4)}
-
-    return {"all": block(sorted(passed)), "seen_functions": block(sorted(set(passed) - unseen)),
-            "unseen_functions": block(sorted(set(passed) & unseen))}  # fmt: skip
+    return {"all": interval(list(passed.values()), seed), "seen_functions": interval([v for i, v in passed.items() if i not in unseen], seed),
+            "unseen_functions": interval([v for i, v in passed.items() if i in unseen], seed)}  # fmt: skip
 
 
 def main() -> None:
@@ -86,7 +81,7 @@ def main() -> None:
     if args.baseline_run:
         teachers["baseline_run"] = args.baseline_run
 
-    first = next(iter(teachers.values()))
+    first_label, first = next(iter(teachers.items()))
     examples = held_out(first)
     fingerprint = lambda rows: hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()  # noqa: E731
     for label, run in teachers.items():
@@ -105,13 +100,13 @@ def main() -> None:
         manifest = json.loads((run / "adapt" / "manifest.json").read_text())
         counts = manifest["counts"]
         t1 = time.time()
-        verdicts[label] = answer(run / "adapt" / "model", single, messages_of, task, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+        verdicts[label] = answer(label, run / "adapt" / "model", single, messages_of, cfg.eval)
         row = {"run": str(run), "reference_examples": load_config(run / "config.yaml").data.reference_examples,
                "labelled_records": counts.get("train_examples"), "steps": counts.get("steps"),
                "adapt_seconds": manifest.get("timings", {}).get("total_s"), "eval_seconds": round(time.time() - t1, 1),
                **summary(verdicts[label], unseen, cfg.run.seed)}  # fmt: skip
-        if label != next(iter(teachers)):
-            row["minus_first"] = paired_delta(verdicts[label], verdicts[next(iter(teachers))], cfg.run.seed)
+        if label != first_label:
+            row["minus_first"] = paired_delta(verdicts[label], verdicts[first_label], cfg.run.seed)
         out["teachers"][label] = row
         print(json.dumps({label: row}), file=sys.stderr, flush=True)
     out["seconds"] = round(time.time() - t0, 1)

@@ -108,12 +108,9 @@ def prune_depth(teacher: PreTrainedModel, keep: int | list[int]) -> tuple[PreTra
     layers = evenly_spaced(n, keep) if isinstance(keep, int) else sorted(keep)
     if layers[-1] >= n:
         raise ValueError(f"keep_layers {layers} names a layer the teacher lacks (it has {n}: 0..{n - 1})")
-    config = teacher.config.to_dict()
-    config.pop("quantization_config", None)
-    config["num_hidden_layers"] = len(layers)
-    if config.get("layer_types"):
-        config["layer_types"] = [config["layer_types"][i] for i in layers]
-    student = type(teacher)(type(teacher.config).from_dict(config))
+    changes = {"num_hidden_layers": len(layers)}
+    if types := teacher.config.to_dict().get("layer_types"):
+        changes["layer_types"] = [types[i] for i in layers]
     new_of = {old: new for new, old in enumerate(layers)}
     state = {}
     for name, tensor in teacher.state_dict().items():
@@ -125,12 +122,21 @@ def prune_depth(teacher: PreTrainedModel, keep: int | list[int]) -> tuple[PreTra
                 continue
             parts[at] = str(new_of[old])
         state[".".join(parts)] = tensor.clone()
-    missing, unexpected = student.load_state_dict(state, strict=False)
+    return _rebuilt(teacher, changes, state), layers
+
+
+def _rebuilt(model: PreTrainedModel, changes: dict, state: dict[str, torch.Tensor]) -> PreTrainedModel:
+    """A model of ``model``'s class whose config is ``model``'s with ``changes``, holding ``state``,
+    which must name every weight (the output head may be left to its tie to the embedding)."""
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    built = type(model)(type(model.config).from_dict({**config, **changes}))
+    missing, unexpected = built.load_state_dict(state, strict=False)
     missing = [m for m in missing if not m.endswith("lm_head.weight")]  # tied to the embedding
     if missing or unexpected:
         raise RuntimeError(f"pruning left weights unmatched: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    student.tie_weights()
-    return student, layers
+    built.tie_weights()
+    return built
 
 
 @torch.no_grad()
@@ -208,10 +214,6 @@ def prune_width(model: PreTrainedModel, keep: int, importance: list[torch.Tensor
     if len(importance) != len(mlps) or any(t.shape != (width,) for t in importance):
         raise ValueError(f"importance must hold one [{width}] tensor per layer ({len(mlps)} layers)")
     kept = [sorted(torch.topk(t, keep).indices.tolist()) for t in importance]
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    config["intermediate_size"] = keep
-    pruned = type(model)(type(model.config).from_dict(config))
     state = {}
     for name, tensor in model.state_dict().items():
         parts = name.split(".")
@@ -223,12 +225,7 @@ def prune_width(model: PreTrainedModel, keep: int, importance: list[torch.Tensor
             elif proj == "down_proj" and parts[-1] == "weight":
                 tensor = tensor.index_select(1, index)
         state[name] = tensor.clone()
-    missing, unexpected = pruned.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not m.endswith("lm_head.weight")]  # tied to the embedding
-    if missing or unexpected:
-        raise RuntimeError(f"width pruning left weights unmatched: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    pruned.tie_weights()
-    return pruned.to(next(model.parameters()).dtype), kept
+    return _rebuilt(model, {"intermediate_size": keep}, state).to(next(model.parameters()).dtype), kept
 
 
 def most_important(scores: list[float], k: int) -> list[int]:

@@ -306,15 +306,16 @@ def build_student(cfg, teacher_cfg, sample_texts):
         teacher, tokenizer = models.load(teacher_cfg.model, "float32")
         origin = {"pruned_from": "adapt" if cfg.adapt.enabled else teacher_cfg.model, "prune_by": s.prune_by}
         keep = s.keep_layers
+        texts = sample_texts(tokenizer, s.importance_samples) if s.prune_by == "importance" or s.keep_intermediate else None
         if s.prune_by == "importance":
-            scores = models.layer_importance(teacher, tokenizer, sample_texts(tokenizer, s.importance_samples))
+            scores = models.layer_importance(teacher, tokenizer, texts)
             keep = models.most_important(scores, s.keep_layers)
             origin["layer_importance"] = [round(x, 5) for x in scores]
         student, layers = models.prune_depth(teacher, keep)
         del teacher
         if s.keep_intermediate is not None:  # then the kept layers' MLP channels, measured on the depth-pruned student
             width = student.config.intermediate_size
-            importance = models.mlp_channel_importance(student, tokenizer, sample_texts(tokenizer, s.importance_samples))
+            importance = models.mlp_channel_importance(student, tokenizer, texts)
             student, _ = models.prune_width(student, s.keep_intermediate, importance)
             origin["intermediate_size"] = {"teacher": width, "kept": s.keep_intermediate}
         return student.to(models.DTYPES[s.dtype]), tokenizer, {**origin, "layers": layers}
