@@ -103,7 +103,7 @@ def test_defaults_form_a_valid_pipeline():
     "overrides, message",
     [
         (["train.teacher_mode=online", "train.kd_weight=1", "teacher.backend=openai", "teacher.url=http://x/v1",
-          "student.pruned_from=null", "student.model=default"], "teacher_mode: online runs the teacher"),
+          "student.pruned_from=null", "student.model=default", "student.keep_intermediate=null"], "teacher_mode: online runs the teacher"),
         (["student.prune_by=importance", "student.keep_layers=[0, 3]"], "give keep_layers as a count"),
         (["student.pruned_from=null", "student.model=default", "student.keep_intermediate=512"], "keep_intermediate prunes"),
         (["student.keep_intermediate=0"], "student.keep_intermediate"),

@@ -98,6 +98,7 @@ def test_run_skip_force_and_a_loadable_student(config, tmp_path):
     assert (run / "compress" / recipe["smoothing"]["file"]).exists() and recipe["calibration_rows"] > 0
     assert set(recipe["logit_rel_error"]) == {"int8", "smoothed_int8"} and all(v > 0 for v in recipe["logit_rel_error"].values())
     assert results["student_int8"]["metrics"]["task_success"]["n"] == results["student"]["metrics"]["task_success"]["n"]
+    assert set(manifest(run, "eval")["timings"]) >= {f"{label}_s" for label in results}  # where the eval's time went, per model
     everything = json.loads((run / "eval" / "results.json").read_text())
     assert 0 <= everything["cascade"]["eval"]["teacher_share"] <= 1 and everything["cascade"]["dev_examples"] > 0
     assert "latency_p50_ratio" in everything["speed_student_int8_vs_student"]

@@ -194,6 +194,7 @@ def run(ctx: StageContext) -> None:
     dev = read_split(ctx.inputs["prepare"], "dev") if need_dev else []
     for label, load, messages_of in candidates:
         mine = examples[: ecfg.shipped_teacher_examples] if label == "teacher_shipped" else examples  # a baseline may be capped
+        t0 = time.perf_counter()
         with PeakMemory() as mem:
             endpoint = load()
             rows, new_tokens, batch_s = quality_pass(label, endpoint, messages_of, mine, ecfg.batch_size, ecfg.max_new_tokens,
@@ -212,6 +213,7 @@ def run(ctx: StageContext) -> None:
         in_process = local is not None or hasattr(endpoint, "weight_mb")
         if hasattr(endpoint, "weight_mb"):  # a GGUF on llama.cpp: its file's size
             size = (None, endpoint.weight_mb)
+        ctx.timings[f"{label}_s"] = round(time.perf_counter() - t0, 3)  # load, held-out, latency and dev passes
         measured[label] = (rows, latencies, new_tokens, batch_s, size, mem.mb if in_process else None)
         rows_of[label] = rows
         del endpoint, local
