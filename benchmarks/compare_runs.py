@@ -5,8 +5,8 @@
 A recipe change (another student shape, another signal kind, a bigger labelled pool) is a second run;
 its eval stage answers the same held-out examples when the data settings match. This reads both runs'
 ``eval/outputs.jsonl`` (one verdict per model and example, as the eval stage stored them; nothing is
-re-run), checks that the two held-out splits are the same examples (the ``prepare`` files of both runs,
-hashed), and prints one JSON object: for each metric, overall, per layer and per tag (``unseen_function``,
+re-run), checks that the two held-out splits are the same examples (the hashes both runs' ``prepare``
+recorded), and prints one JSON object: for each metric, overall, per layer and per tag (``unseen_function``,
 ``unseen_request``), ``other - base`` with its 95% paired bootstrap interval (``metrics.deltas``), and
 the multi-step completions of each.
 """
@@ -14,7 +14,6 @@ the multi-step completions of each.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -30,11 +29,11 @@ def rows_of(run: Path, model: str) -> list[dict]:
 
 
 def held_out_hash(run: Path) -> str:
+    """The hash ``prepare`` recorded in its manifest for the split the run's eval read."""
     from stillroom.config import load_config
-    from stillroom.stages.prepare import read_split
 
-    rows = read_split(run / "prepare", load_config(run / "config.yaml", []).eval.split)
-    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+    split = load_config(run / "config.yaml", []).eval.split
+    return json.loads((run / "prepare" / "manifest.json").read_text())["outputs"][f"{split}.jsonl"]
 
 
 def main() -> None:
