@@ -495,6 +495,7 @@ class TrainConfig(Section):
     early_stopping_patience: int | None = Field(None, ge=1)  # dev evaluations without improvement before stopping
     restore_best: bool = True  # with a dev split: end on the weights of the best dev loss
     checkpoint_every: int = Field(25, ge=1)  # optimizer steps between resumable checkpoints
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: forward passes under torch.autocast(bfloat16); weights, grads, AdamW state stay float32
 
     @model_validator(mode="after")
     def _some_loss(self) -> TrainConfig:
@@ -520,6 +521,7 @@ class AdaptConfig(Section):
     max_length: int = Field(384, ge=16)
     train_layers: int | None = Field(None, ge=1)  # fine-tune only the last N layers (cheaper backward); None: all
     lora: LoraConfig | None = None  # LoRA instead of full weights (merged into adapt/model)
+    precision: Literal["fp32", "bf16"] = "fp32"  # as train.precision
 
 
 class BaselineConfig(Section):

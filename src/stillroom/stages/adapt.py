@@ -37,7 +37,7 @@ def run(ctx: StageContext) -> None:
     records = [{**r, "repeat": 0} for r in records]
     t = TrainConfig(epochs=a.epochs, max_steps=a.max_steps, batch_size=a.batch_size, lr=a.lr, warmup_fraction=a.warmup_fraction,
                     min_lr_ratio=a.min_lr_ratio, max_length=a.max_length, sft_weight=0.0, reference_weight=1.0,
-                    train_layers=a.train_layers, lora=a.lora)  # fmt: skip
+                    train_layers=a.train_layers, lora=a.lora, precision=a.precision)  # fmt: skip
     ctx.counts["contaminated_dropped"] = len({h.train_id for h in hits})
     fit(ctx, t, records, lambda texts: (*models.load(cfg.teacher.model, "float32"), {"corrected_from": cfg.teacher.model}),
         lambda e: task.teacher_messages(e, cfg.teacher.context))

@@ -256,28 +256,38 @@ def teacher_targets(teacher, batch) -> tuple | None:
     return hidden[:, :-1][batch["teacher_labels"][:, 1:] != -100], head.weight, head.bias
 
 
+def autocast(precision: str, device) -> torch.autocast:
+    """Mixed precision for a forward pass: under ``bf16`` matmuls and attention run in bfloat16 (AMX or
+    AVX512-BF16 on a recent x86 CPU, tensor cores on a GPU) while the weights, their gradients and the
+    optimizer's state stay float32, and the losses take their log-softmax in float32 (``losses``)."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 @torch.no_grad()
-def dev_loss(objective, rows, batch_size: int, pad_id: int, teacher, device) -> float | None:
+def dev_loss(objective, rows, batch_size: int, pad_id: int, teacher, device, precision: str = "fp32") -> float | None:
     """The objective on the dev rows (no dropout): per completion token, plus per pair."""
     if not rows:
         return None
     objective.eval()
     batches = [_to(collate(rows[i : i + batch_size], pad_id), device) for i in range(0, len(rows), batch_size)]
     n_tokens, n_pairs = sum(map(completion_tokens, batches)), sum(map(pair_count, batches))
-    total = sum(float(objective(b, teacher_targets(teacher, b), n_tokens, n_pairs)) for b in batches)
+    with autocast(precision, device):
+        total = sum(float(objective(b, teacher_targets(teacher, b), n_tokens, n_pairs)) for b in batches)
     objective.train()
     return total
 
 
 @torch.no_grad()
-def reference_logprobs(pairs: list[dict], model, batch_size: int, device) -> None:
-    """DPO's reference: each pair's chosen and rejected log-probs under ``model`` as it is now, stored in the row."""
+def reference_logprobs(pairs: list[dict], model, batch_size: int, device, precision: str = "fp32") -> None:
+    """DPO's reference: each pair's chosen and rejected log-probs under ``model`` as it is now, stored in the
+    row (in the training's precision: the first step's log-ratios are then exactly 0)."""
     was_training = model.training
     model.eval()
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i : i + batch_size]
         b = _to(_collate_pairs(chunk, 0), device)
-        lp, _ = sequence_logprobs(model, b["pair_input_ids"], b["pair_attention_mask"], b["pair_labels"])
+        with autocast(precision, device):
+            lp, _ = sequence_logprobs(model, b["pair_input_ids"], b["pair_attention_mask"], b["pair_labels"])
         for j, row in enumerate(chunk):
             row["ref"] = (float(lp[j]), float(lp[len(chunk) + j]))
     model.train(was_training)
@@ -468,7 +478,7 @@ def fit(ctx: StageContext, t, mixture: list[dict], build, messages_of) -> None:
             f"{len(rows['train'])} training records cannot be shared by {world} processes"
         )  # fmt: skip
     if t.pref_weight > 0 and t.pref_loss == "dpo":  # the reference model of DPO: the student before any step
-        reference_logprobs([r for split in rows.values() for r in split if r.get("pair")], model, t.batch_size, device)
+        reference_logprobs([r for split in rows.values() for r in split if r.get("pair")], model, t.batch_size, device, t.precision)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     # 3) the loop
@@ -508,7 +518,7 @@ def fit(ctx: StageContext, t, mixture: list[dict], build, messages_of) -> None:
         dist.barrier()
 
     def evaluate_dev() -> None:  # dev loss; remember the best weights; early stopping
-        dl = dev_loss(objective, rows["dev"], t.batch_size, pad_id, teacher, device)
+        dl = dev_loss(objective, rows["dev"], t.batch_size, pad_id, teacher, device, t.precision)
         state["log"].append({"step": state["step"], "epoch": epoch, "dev_loss": dl})
         if dist.is_main():
             progress.console.print(f"step {state['step']} (epoch {epoch}): dev loss {dl if dl is None else round(dl, 4)}")
@@ -543,7 +553,8 @@ def fit(ctx: StageContext, t, mixture: list[dict], build, messages_of) -> None:
                 for i, b in enumerate(batches):  # sum over micro-batches, normalized by the step's tokens
                     sync = contextlib.nullcontext() if world == 1 or i == len(batches) - 1 else wrapped.no_sync()
                     with sync:
-                        loss = wrapped(b, teacher_targets(teacher, b), n_tokens, n_pairs)
+                        with autocast(t.precision, device):  # the forward only; backward follows each op's forward dtype
+                            loss = wrapped(b, teacher_targets(teacher, b), n_tokens, n_pairs)
                         (loss * world).backward()  # DDP averages over processes
                     step_loss += loss.item()
                 step_loss = dist.all_sum(step_loss)[0]
@@ -601,7 +612,8 @@ def fit(ctx: StageContext, t, mixture: list[dict], build, messages_of) -> None:
                         pg["lr"] = t.lr * lr_at(state["step"], total_steps, warmup, t.min_lr_ratio)
                     step_loss = 0.0
                     for b in batches:
-                        loss = op_objective(b, None, n_tokens)
+                        with autocast(t.precision, device):
+                            loss = op_objective(b, None, n_tokens)
                         loss.backward()
                         step_loss += loss.item()
                     grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], t.grad_clip).item()
