@@ -31,9 +31,9 @@ def rows_of(run: Path, model: str) -> list[dict]:
 def held_out_hash(run: Path) -> str:
     """The hash ``prepare`` recorded in its manifest for the split the run's eval read."""
     from stillroom.config import load_config
+    from stillroom.stages.prepare import split_hash
 
-    split = load_config(run / "config.yaml", []).eval.split
-    return json.loads((run / "prepare" / "manifest.json").read_text())["outputs"][f"{split}.jsonl"]
+    return split_hash(run / "prepare", load_config(run / "config.yaml", []).eval.split)
 
 
 def main() -> None:

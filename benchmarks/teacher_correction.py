@@ -29,13 +29,6 @@ import time
 from pathlib import Path
 
 
-def held_out(run: Path) -> list[dict]:
-    from stillroom.config import load_config
-    from stillroom.stages.prepare import read_split
-
-    return read_split(run / "prepare", load_config(run / "config.yaml").eval.split)
-
-
 def answer(label: str, folder: Path, examples: list[dict], messages_of, ecfg) -> dict[str, float]:
     """Each example's task success (1.0 / 0.0) as the eval stage measures it: its greedy pass, batched,
     with its token cap, judged by the task's checker."""
@@ -67,6 +60,7 @@ def main() -> None:
     from stillroom.config import load_config
     from stillroom.metrics import paired_delta
     from stillroom.plugins import registry
+    from stillroom.stages.prepare import read_split, split_hash
 
     config = args.config or str(DEMO_CONFIG)
     teachers, t0 = {}, time.time()
@@ -81,13 +75,11 @@ def main() -> None:
         teachers["baseline_run"] = args.baseline_run
 
     first_label, first = next(iter(teachers.items()))
-    examples = held_out(first)
-    split = load_config(first / "config.yaml").eval.split
-    recorded = lambda run: json.loads((run / "prepare" / "manifest.json").read_text())["outputs"][f"{split}.jsonl"]  # noqa: E731
-    for label, run in teachers.items():
-        if recorded(run) != recorded(first):  # the hash prepare wrote for the held-out file
-            sys.exit(f"{label} ({run}) was measured on another held-out split than {first}: not comparable")
     cfg = load_config(first / "config.yaml")
+    examples = read_split(first / "prepare", cfg.eval.split)
+    for label, run in teachers.items():
+        if split_hash(run / "prepare", cfg.eval.split) != split_hash(first / "prepare", cfg.eval.split):
+            sys.exit(f"{label} ({run}) was measured on another held-out split than {first}: not comparable")
     task = registry().get("task", cfg.data.task)
     single = [e for e in examples if e["expected"].get("kind") != "trace"]
     unseen = {e["id"] for e in single if "unseen_function" in e.get("tags", [])}

@@ -66,6 +66,31 @@ def test_dedup_exact_and_near():
     assert near == {"x": "c"}
 
 
+def test_the_same_request_under_another_tool_menu_is_not_a_duplicate():
+    """Deduplication keys on the request, the offered tools' names and the target: a task has a few distinct
+    no-call and refusal requests, each asked under many menus, and every menu is its own lesson. Found in
+    the 539ce49 demo, where keying on the request alone cut 92 no-call records to 11 and 95 refusals to 11."""
+    from stillroom.config import MixtureConfig
+    from stillroom.stages.mix import clean
+
+    def tool(name):
+        return {"type": "function", "function": {"name": name, "description": f"{name} tool", "parameters": {"type": "object", "properties": {}}}}
+
+    menus = {"m1": ["get_weather", "set_timer"], "m2": ["set_timer", "get_weather"], "m3": ["send_email", "request_ride"],
+             "m4": ["get_weather", "set_timer"], "m5": ["convert_currency", "play_music"]}  # fmt: skip
+    examples = {k: {"id": k, "request": "Why is the sky blue?", "tools": [tool(n) for n in names], "layer": "failure", "slice": "no_tool"}
+                for k, names in menus.items()}  # fmt: skip
+    answer = "Sunlight scatters off air molecules, and blue light scatters the most."
+    records = [{"id": f"{k}#ref", "example_id": k, "split": "train", "layer": "failure", "slice": "no_tool", "source": "reference", "text": answer}
+               for k in menus]  # fmt: skip
+    records.append({**records[-1], "id": "m5#t0", "source": "teacher", "text": answer + "  "})  # the same answer, spaced otherwise
+    evals = [{"id": "e1", "request": "Convert 20 euros to yen.", "reference": "<tool_call>{}</tool_call>", "tools": []}]
+    kept, card = clean(records, examples, evals, MixtureConfig())
+    assert [r["id"] for r in kept] == ["m1#ref", "m3#ref", "m5#ref"]  # m2: m1's menu in another order; m4: m1's; m5#t0: m5#ref again
+    assert card["duplicates"]["exact"] == 3 and card["duplicates"]["near"] == 0
+    assert {d["dropped"]: d["kept"] for d in card["duplicates"]["examples"]} == {"m2#ref": "m1#ref", "m4#ref": "m1#ref", "m5#t0": "m5#ref"}
+
+
 def test_resample_to_layer_weights():
     recs = [{"id": f"c{i}", "layer": "core"} for i in range(30)] + [{"id": f"f{i}", "layer": "failure"} for i in range(5)]
     out, notes = resample(recs, {"core": 0.5, "failure": 0.5, "long_tail": 0.0}, 20, random.Random(0))

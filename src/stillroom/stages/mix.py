@@ -119,14 +119,24 @@ def cap_self(records: list[dict], max_share: float, rng: random.Random) -> tuple
     return out, {"self_records": limit, "dropped": len(own) - limit, "max_share": max_share}
 
 
+def input_text(example: dict) -> str:
+    """An example's input as deduplication sees it: its request and the names of the tools it offers.
+    The same request under another tool menu is another lesson (answer it without any of these tools,
+    or pick this one among them), not a duplicate: keyed on the request alone, a task's few distinct
+    no-call and refusal requests collapsed to one record each. Names, not schemas: shared schema text
+    would make examples with one menu near duplicates whatever their requests."""
+    names = sorted(t["function"]["name"] for t in example.get("tools") or [])
+    return example["request"] + (f"\n(tools: {', '.join(names)})" if names else "")
+
+
 def clean(records: list[dict], examples: dict, evals: list[dict], m) -> tuple[list[dict], dict]:
-    """Exact and near duplicates out (on prompt + target), then the contamination check against every
+    """Exact and near duplicates out (on input + target: ``input_text``), then the contamination check against every
     evaluation example: the records kept and a card (counts after each step, duplicates, hits). The
     pool-only baseline runs its own records through this too, so its references are deduplicated
     among themselves, not against the teacher's labels."""
 
     def keyed(rs):  # a pair is its prompt with both sides: it never duplicates the reference it prefers
-        return [(r["id"], examples[r["example_id"]]["request"] + "\n" + r["text"] + ("\n<rejected>\n" + r["rejected"] if r["source"] == "pair" else ""))
+        return [(r["id"], input_text(examples[r["example_id"]]) + "\n" + r["text"] + ("\n<rejected>\n" + r["rejected"] if r["source"] == "pair" else ""))
                 for r in rs]  # fmt: skip
 
     card: dict = {"steps": {"sources": counts(records)}}

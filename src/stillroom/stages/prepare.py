@@ -22,7 +22,7 @@ from pathlib import Path
 
 from stillroom import atomic
 from stillroom.plugins import registry
-from stillroom.rundir import StageContext, sha256_file
+from stillroom.rundir import StageContext, read_manifest, sha256_file
 
 SPLITS = ("train", "dev", "eval")
 
@@ -46,6 +46,14 @@ def split_of(example_id: str, eval_fraction: float, dev_fraction: float) -> str:
 
 def read_split(prepare_dir: Path, split: str) -> list[dict]:
     return atomic.read_jsonl(prepare_dir / f"{split}.jsonl")
+
+
+def split_hash(prepare_dir: Path, split: str) -> str:
+    """The hash this stage recorded for ``split``'s file: two runs with equal ones hold out the same examples."""
+    outputs = (read_manifest(prepare_dir) or {}).get("outputs") or {}
+    if f"{split}.jsonl" not in outputs:
+        raise FileNotFoundError(f"{prepare_dir}: no prepare manifest recording {split}.jsonl (has the stage finished?)")
+    return outputs[f"{split}.jsonl"]
 
 
 REFERENCE_ONLY = "train_reference"
