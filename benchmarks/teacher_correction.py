@@ -77,8 +77,9 @@ def main() -> None:
     first_label, first = next(iter(teachers.items()))
     cfg = load_config(first / "config.yaml")
     examples = read_split(first / "prepare", cfg.eval.split)
+    held_out = split_hash(first / "prepare", cfg.eval.split)
     for label, run in teachers.items():
-        if split_hash(run / "prepare", cfg.eval.split) != split_hash(first / "prepare", cfg.eval.split):
+        if split_hash(run / "prepare", cfg.eval.split) != held_out:
             sys.exit(f"{label} ({run}) was measured on another held-out split than {first}: not comparable")
     task = registry().get("task", cfg.data.task)
     single = [e for e in examples if e["expected"].get("kind") != "trace"]

@@ -173,7 +173,7 @@ def test_run_killed_during_generate_resumes_without_lost_or_duplicate_records(co
     keys = [(r["example_id"], r["candidate"]) for r in resumed]
     assert len(keys) == len(set(keys)) == m["counts"]["candidates"]
     differing = [(a["example_id"], a["candidate"], sorted(k for k in a if a[k] != b[k])) for a, b in zip(reference, resumed) if a != b]
-    assert resumed == reference, f"{len(differing)} rows differ (example, candidate, fields): {differing[:5]}; shards resumed {m['counts']}"
+    assert resumed == reference, f"{len(differing)} rows differ (example, candidate, fields): {differing[:5]}; generate's counts {m['counts']}"
     assert manifest(run_b, "report")["status"] == "complete"
 
 
