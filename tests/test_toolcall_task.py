@@ -87,6 +87,21 @@ def test_held_out_requests_of_the_fixed_pools_are_only_ever_evaluated():
         assert (split == "eval") == (e["request"] in held), e["id"]
 
 
+def test_training_sees_many_distinct_no_call_and_refusal_requests():
+    """With 11 distinct no-call questions in training, the demo's distilled student learnt those 11
+    answers instead of the rule (it opened every held-out one with a call): the pools must be wide
+    enough that the training side alone holds dozens of distinct requests, none of them also held out."""
+    from stillroom.examples.toolcall.task import NO_TOOL_REQUESTS, UNSAFE_REQUESTS, held_out_request
+
+    for pool in (NO_TOOL_REQUESTS, UNSAFE_REQUESTS):
+        assert len(set(pool)) == len(pool)
+        trained = [r for r in pool if not held_out_request(r)]
+        assert len(trained) >= 25 and len(pool) - len(trained) >= 20, (len(trained), len(pool))
+    ex = [e for e in build(1400) if e["slice"] in ("no_tool", "unsafe") and "unseen_request" not in e.get("tags", [])]
+    for slice_ in ("no_tool", "unsafe"):
+        assert len({e["request"] for e in ex if e["slice"] == slice_}) >= 20, slice_
+
+
 def test_check_distinguishes_failure_kinds():
     task = ToolCallTask()
     ex = build(300)
