@@ -33,7 +33,9 @@ def test_corrected_teacher_feeds_every_later_stage_and_baselines_are_measured(tm
         "data": {"n_examples": 40, "reference_examples": 40, "train_split_labelled": False, "held_out_functions": 2,
                  "layer_weights": {"core": 0.3, "failure": 0.7},
                  "select": {"verifiers": ["tool_call", "no_call", "refusal"], "refusal_shaping": "I can't help with that."},
-                 "mixture": {"sources": ["teacher", "reference"]}},
+                 # 40 examples hold out only 2 distinct harmful requests: the policy refusal they share counts as boilerplate
+                 # from 2 prompts here (3 by default), else it would flag every labelled refusal as contaminated
+                 "mixture": {"sources": ["teacher", "reference"], "contamination": {"boilerplate_min": 2}}},
         "signals": {"kind": ["sequence", "logit"], "n": 1, "max_new_tokens": 16, "batch_size": 4, "shard_size": 8, "top_k": 8,
                     "score_references": True},
         "train": {"epochs": 1, "batch_size": 4, "max_length": 256, "reference_weight": 1.0, "kd_weight": 0.5},
@@ -89,6 +91,18 @@ def test_corrected_teacher_feeds_every_later_stage_and_baselines_are_measured(tm
     unsafe = {e["request"] for e in pool_refs if e["slice"] == "unsafe"}
     assert unsafe and pool_card["steps"]["train_after_resample"]["per_slice"].get("failure/unsafe", 0) >= 1
     assert pool["train_records"] == pool_card["steps"]["train_after_resample"]["total"]
+
+    # requests/s beside tokens/s (benchmarks/served_speed.py): answers over the pass's seconds, new tokens / tokens/s
+    bench = Path(__file__).parents[1] / "benchmarks" / "served_speed.py"
+    proc = subprocess.run([sys.executable, str(bench), "--run", str(run)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    speed = json.loads(proc.stdout)["models"]
+    answers = atomic.read_jsonl(run / "eval" / "outputs.jsonl")
+    for label, row in speed.items():
+        mine = [r for r in answers if r["model"] == label]
+        seconds = sum(r["new_tokens"] for r in mine) / results["models"][label]["tokens_per_s"]
+        assert row["examples"] == len(mine) and row["requests_per_s"] == pytest.approx(len(mine) / seconds, rel=1e-3)
+    assert {"teacher", "student", "pool_only"} <= set(speed) and speed["teacher"]["requests_per_s_ratio"] == 1.0
 
 
 def test_on_policy_rounds_score_the_students_own_samples(tmp_path, tiny_model_dir):
