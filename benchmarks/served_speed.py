@@ -44,13 +44,12 @@ def speeds(results: dict, outputs: list[dict]) -> dict[str, dict]:
 
 
 def with_ratios(table: dict[str, dict], base: str) -> dict[str, dict]:
-    """Each model's speed over ``base``'s: requests/s, tokens/s, and p50 latency (base's over the model's)."""
+    """Each model's row with its speed over ``base``'s: requests/s, tokens/s, and p50 latency (base's over the model's)."""
     b = table[base]
-    for row in table.values():
-        row["requests_per_s_ratio"] = round(row["requests_per_s"] / b["requests_per_s"], 3)
-        row["tokens_per_s_ratio"] = round(row["tokens_per_s"] / b["tokens_per_s"], 3)
-        row["latency_p50_ratio"] = round(b["latency_p50_ms"] / row["latency_p50_ms"], 3)
-    return table
+    return {label: {**row, "requests_per_s_ratio": round(row["requests_per_s"] / b["requests_per_s"], 3),
+                    "tokens_per_s_ratio": round(row["tokens_per_s"] / b["tokens_per_s"], 3),
+                    "latency_p50_ratio": round(b["latency_p50_ms"] / row["latency_p50_ms"], 3)}
+            for label, row in table.items()}  # fmt: skip
 
 
 def main() -> None:

@@ -101,7 +101,7 @@ def test_corrected_teacher_feeds_every_later_stage_and_baselines_are_measured(tm
     for label, row in speed.items():
         mine = [r for r in answers if r["model"] == label]
         seconds = sum(r["new_tokens"] for r in mine) / results["models"][label]["tokens_per_s"]
-        assert row["examples"] == len(mine) and row["requests_per_s"] == pytest.approx(len(mine) / seconds, rel=1e-3)
+        assert row["examples"] == len(mine) == results["models"][label]["examples"] and row["requests_per_s"] == pytest.approx(len(mine) / seconds, rel=1e-3)
     assert {"teacher", "student", "pool_only"} <= set(speed) and speed["teacher"]["requests_per_s_ratio"] == 1.0
 
 

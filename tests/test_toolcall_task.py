@@ -89,7 +89,7 @@ def test_held_out_requests_of_the_fixed_pools_are_only_ever_evaluated():
 
 def test_training_sees_many_distinct_no_call_and_refusal_requests():
     """With 11 distinct no-call questions in training, the demo's distilled student learnt those 11
-    answers instead of the rule (it opened every held-out one with a call): the pools must be wide
+    answers instead of the rule (it opened all 4 held-out ones checked with a call): the pools must be wide
     enough that the training side alone holds dozens of distinct requests, none of them also held out."""
     from stillroom.examples.toolcall.task import NO_TOOL_REQUESTS, UNSAFE_REQUESTS, held_out_request
 
