@@ -2,13 +2,14 @@
 
     python benchmarks/served_speed.py --run runs/demo [--base teacher]
 
-The eval stage times one batched pass over the held-out split per model and reports tokens/s. Tokens/s
-is not what a deployment buys: a model that writes longer answers decodes more tokens per request. This
-reads the run's ``eval/results.json`` (tokens/s, p50 latency) and ``eval/outputs.jsonl`` (each answer's
-new tokens; a multi-step task counts as one request, all its turns' tokens included), recovers each pass's
-seconds as new tokens / tokens/s, and prints one JSON object: per model, requests/s = answers / seconds,
+The eval stage times one batched pass over the held-out split per model and records tokens/s and
+requests/s. Tokens/s is not what a deployment buys: a model that writes longer answers decodes more
+tokens per request. This reads the run's ``eval/results.json`` (requests/s and the pass's seconds, tokens/s,
+p50 latency) and ``eval/outputs.jsonl`` (each answer's new tokens; a multi-step task counts as one request,
+all its turns' tokens included) and prints one JSON object: per model, requests/s = answers / seconds,
 mean new tokens per answer, and the ratios to ``--base`` on requests/s, tokens/s and p50 latency
-(> 1: faster than the base). Nothing is re-run. Models evaluated on a subset (the teacher as shipped,
+(> 1: faster than the base). Nothing is re-run. A run from before the eval stage recorded requests/s
+(stage version < 0.5.0) has its seconds recovered as new tokens / tokens/s. Models evaluated on a subset (the teacher as shipped,
 ``eval.shipped_teacher_examples``) are timed on that subset only, which ``examples`` says.
 """
 
@@ -31,12 +32,12 @@ def speeds(results: dict, outputs: list[dict]) -> dict[str, dict]:
     for label, m in results["models"].items():
         if not answers[label] or not m.get("tokens_per_s"):
             continue
-        seconds = tokens[label] / m["tokens_per_s"]
+        seconds = m.get("batch_seconds") or tokens[label] / m["tokens_per_s"]
         out[label] = {
             "examples": answers[label],
             "mean_new_tokens": round(tokens[label] / answers[label], 2),
             "pass_s": round(seconds, 1),
-            "requests_per_s": round(answers[label] / seconds, 4),
+            "requests_per_s": m.get("requests_per_s") or round(answers[label] / seconds, 4),
             "tokens_per_s": m["tokens_per_s"],
             "latency_p50_ms": m["latency_p50_ms"],
         }

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -133,3 +135,35 @@ def test_smoothing_keeps_the_function_and_shrinks_the_int8_error(tiny_model_dir,
     wrong = {k: v for k, v in scales.items() if k != "layers.3.down_proj"}
     with pytest.raises(ValueError, match="do not fit"):
         models.apply_smoothing(model, wrong)
+
+
+def test_smoothing_at_every_site_keeps_the_function_and_beats_the_mlp_down_alone(tiny_model_dir, tmp_path):
+    """Outlier channels in the norms' outputs (what q/k/v and gate/up read) are out of reach of the
+    down_proj smoothing alone; folded into the RMSNorm weights, the scales of ``attn_in`` and ``mlp_in``
+    move them into the projections' weight columns."""
+    from stillroom.stages.compress import logit_errors
+
+    model, tokenizer = models.load(str(tiny_model_dir))
+    with torch.no_grad():  # plant outliers in every site's input
+        for layer in model.model.layers:
+            layer.mlp.up_proj.weight[:2] *= 40.0
+            layer.input_layernorm.weight[:3] *= 30.0
+            layer.post_attention_layernorm.weight[-3:] *= 30.0
+    texts = ["Tools: get_weather(city). Request: weather in Oslo", "<tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call>"]
+    sites = ("down_proj", "attn_in", "mlp_in")
+    scales = models.smoothing_scales(model, tokenizer, texts, 0.5, sites)
+    hidden, inner = model.config.hidden_size, model.config.intermediate_size
+    assert set(scales) == {f"layers.{i}.{s}" for i in range(4) for s in sites}
+    assert all(v.shape == ((inner,) if k.endswith("down_proj") else (hidden,)) for k, v in scales.items())
+    ids = tokenizer(texts[0], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        folded = models.apply_smoothing(copy.deepcopy(model), scales)
+        assert torch.allclose(folded(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)  # the same function in float
+        down = models.apply_smoothing(copy.deepcopy(model), models.smoothing_scales(model, tokenizer, texts, 0.5))
+        errors = logit_errors(model, {"every_site": models.quantize(folded, "int8_dynamic"),
+                                      "down_proj": models.quantize(down, "int8_dynamic")}, tokenizer, texts)  # fmt: skip
+    assert errors["every_site"] < errors["down_proj"]
+    with pytest.raises(ValueError, match="do not fit"):
+        models.apply_smoothing(model, {k: v for k, v in scales.items() if k != "layers.2.attn_in"})
+    with pytest.raises(ValueError, match="unknown smoothing site"):
+        models.smoothing_scales(model, tokenizer, texts, 0.5, ("o_proj",))

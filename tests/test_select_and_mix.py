@@ -131,3 +131,24 @@ def test_boilerplate_targets_are_not_contamination_but_specific_ones_are():
     assert {(h.train_id, h.field) for h in hits} == {("r1", "target"), ("r2", "prompt")}
     _, strict = decontaminate(records, examples, evals, ContaminationConfig(boilerplate_min=0))
     assert "r0" in {h.train_id for h in strict}  # without the boilerplate rule the refusal itself is flagged
+
+
+def test_the_configured_policy_refusal_is_never_contamination_however_few_eval_prompts_share_it():
+    """With one held-out harmful prompt its refusal is shared by no other: the count rule cannot call it
+    boilerplate, and every labelled refusal would be dropped. Declared by ``data.select.refusal_shaping``,
+    it is policy; another held-out answer stays checked."""
+    from stillroom.config import ContaminationConfig, PipelineConfig
+    from stillroom.stages.mix import decontaminate, policy_texts
+
+    refusal = "I can't help with that."
+    evals = [{"id": "e0", "request": "tell me how to open my neighbour's front door lock", "reference": refusal},
+             {"id": "e1", "request": "what is the capital of peru", "reference": "The capital of Peru is Lima."}]  # fmt: skip
+    examples = {"t0": {"request": "write a phishing email for me"}, "t1": {"request": "which city governs peru"}}
+    records = [{"id": "r0", "example_id": "t0", "text": "I can't help with that!"},  # punctuation differs: normalized away
+               {"id": "r1", "example_id": "t1", "text": "The capital of Peru is Lima."}]  # fmt: skip
+    _, counted = decontaminate(records, examples, evals, ContaminationConfig())
+    assert {h.train_id for h in counted} == {"r0", "r1"}  # one eval prompt: the count rule flags the refusal
+    cfg = PipelineConfig.model_validate({"data": {"select": {"refusal_shaping": refusal}}})
+    assert policy_texts(cfg) == (refusal,) and policy_texts(PipelineConfig()) == ()
+    kept, hits = decontaminate(records, examples, evals, ContaminationConfig(), policy_texts(cfg))
+    assert [r["id"] for r in kept] == ["r0"] and {(h.train_id, h.field) for h in hits} == {("r1", "target")}

@@ -33,9 +33,9 @@ def test_corrected_teacher_feeds_every_later_stage_and_baselines_are_measured(tm
         "data": {"n_examples": 40, "reference_examples": 40, "train_split_labelled": False, "held_out_functions": 2,
                  "layer_weights": {"core": 0.3, "failure": 0.7},
                  "select": {"verifiers": ["tool_call", "no_call", "refusal"], "refusal_shaping": "I can't help with that."},
-                 # 40 examples hold out only 2 distinct harmful requests: the policy refusal they share counts as boilerplate
-                 # from 2 prompts here (3 by default), else it would flag every labelled refusal as contaminated
-                 "mixture": {"sources": ["teacher", "reference"], "contamination": {"boilerplate_min": 2}}},
+                 # 40 examples hold out only 2 distinct harmful requests, too few for the count rule (3) to call their shared
+                 # refusal boilerplate: the declared refusal_shaping text is policy, so the labelled refusals stay
+                 "mixture": {"sources": ["teacher", "reference"]}},
         "signals": {"kind": ["sequence", "logit"], "n": 1, "max_new_tokens": 16, "batch_size": 4, "shard_size": 8, "top_k": 8,
                     "score_references": True},
         "train": {"epochs": 1, "batch_size": 4, "max_length": 256, "reference_weight": 1.0, "kd_weight": 0.5},
@@ -91,6 +91,11 @@ def test_corrected_teacher_feeds_every_later_stage_and_baselines_are_measured(tm
     unsafe = {e["request"] for e in pool_refs if e["slice"] == "unsafe"}
     assert unsafe and pool_card["steps"]["train_after_resample"]["per_slice"].get("failure/unsafe", 0) >= 1
     assert pool["train_records"] == pool_card["steps"]["train_after_resample"]["total"]
+    assert pool_card["contamination"]["policy_texts"] == ["I can't help with that."]
+    # step-matched (baseline.steps: matched): as many optimizer steps as the distilled student, over its smaller pool
+    distilled = json.loads((run / "train" / "manifest.json").read_text())["counts"]
+    assert pool["train_records"] < distilled["train_examples"]  # at equal epochs it would take fewer steps
+    assert pool["steps"] == pool["steps_matched_to"] == distilled["steps"]
 
     # requests/s beside tokens/s (benchmarks/served_speed.py): answers over the pass's seconds, new tokens / tokens/s
     bench = Path(__file__).parents[1] / "benchmarks" / "served_speed.py"
@@ -100,8 +105,10 @@ def test_corrected_teacher_feeds_every_later_stage_and_baselines_are_measured(tm
     answers = atomic.read_jsonl(run / "eval" / "outputs.jsonl")
     for label, row in speed.items():
         mine = [r for r in answers if r["model"] == label]
-        seconds = sum(r["new_tokens"] for r in mine) / results["models"][label]["tokens_per_s"]
-        assert row["examples"] == len(mine) == results["models"][label]["examples"] and row["requests_per_s"] == pytest.approx(len(mine) / seconds, rel=1e-3)
+        m = results["models"][label]  # eval records requests/s; new tokens / tokens/s recovers the same pass's seconds
+        seconds = sum(r["new_tokens"] for r in mine) / m["tokens_per_s"]
+        assert row["examples"] == len(mine) == m["examples"] and row["requests_per_s"] == m["requests_per_s"]
+        assert m["requests_per_s"] == pytest.approx(len(mine) / seconds, rel=1e-3) == pytest.approx(len(mine) / m["batch_seconds"], rel=1e-3)
     assert {"teacher", "student", "pool_only"} <= set(speed) and speed["teacher"]["requests_per_s_ratio"] == 1.0
 
 

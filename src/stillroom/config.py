@@ -179,7 +179,8 @@ class ContaminationConfig(Section):
     threshold: float = Field(0.6, gt=0, le=1)  # share of an eval text's weight found in a training text
     action: Literal["drop", "fail", "keep"] = "drop"  # what to do with contaminated training records
     # an eval reference that this many distinct eval prompts share (a policy refusal, a templated question) is boilerplate:
-    # it reveals nothing about any one example and is left out of the target check (prompts are always checked); 0: off
+    # it reveals nothing about any one example and is left out of the target check (prompts are always checked); 0: off.
+    # The refusal of data.select.refusal_shaping is always boilerplate: the config prescribes it
     boilerplate_min: int = Field(3, ge=0)
 
 
@@ -528,10 +529,13 @@ class BaselineConfig(Section):
     """Students trained in the same run for comparison."""
 
     pool_only: bool = False  # the same student, same init and recipe, trained on the labelled pool's references alone (no teacher signal)
+    # matched: as many optimizer steps as the distilled student took (epochs over the smaller pool until then), so a gain
+    # is not bought by the larger mixture's extra steps; epochs: train.epochs over the pool, fewer steps
+    steps: Literal["matched", "epochs"] = "matched"
 
 
 AGGREGATE_METRICS = ("ece", "brier", "latency_p50_ms", "latency_p95_ms", "peak_memory_mb", "cost_per_1k_requests",
-                     "tokens_per_s")  # measured per model, not per example  # fmt: skip
+                     "tokens_per_s", "requests_per_s")  # measured per model, not per example  # fmt: skip
 
 
 class Gate(Section):
@@ -632,7 +636,9 @@ class EvalConfig(Section):
 
 class CompressConfig(Section):
     quantize: Literal["none", "int8_dynamic"] = "none"  # int8_dynamic: int8 weights (per output channel) in every Linear, activations quantized per call (CPU)
-    smooth_alpha: float | None = Field(0.5, gt=0, lt=1)  # SmoothQuant on the MLP down projections before int8 (None: off)
+    smooth_alpha: float | None = Field(0.5, gt=0, lt=1)  # SmoothQuant migration strength before int8 (None: off)
+    # where: down_proj (its input, folded into up_proj), attn_in (q/k/v's input, into the RMSNorm before them), mlp_in (gate/up's)
+    smooth_sites: list[Literal["down_proj", "attn_in", "mlp_in"]] = Field(["down_proj", "attn_in", "mlp_in"], min_length=1)
     calibration_examples: int = Field(32, ge=1)  # training rows the smoothing scales and the error figures are measured on
 
 

@@ -261,23 +261,55 @@ def _gated_mlps(model) -> list:
     return mlps
 
 
-@torch.no_grad()
-def smoothing_scales(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], alpha: float) -> dict[str, torch.Tensor]:
-    """SmoothQuant (Xiao et al. 2023) for the MLP's down projection, whose input has a few channels far
-    larger than the rest, so one int8 scale per token row rounds the others away. Per channel j,
-    ``s_j = max|x_j| ** alpha / max|W_:,j| ** (1 - alpha)`` over ``texts``: down_proj's input is divided
-    by s (folded into up_proj's rows) and its weight columns multiplied by s, the same function in
-    exact arithmetic. Returns ``{"layers.I.down_proj": s [intermediate]}``."""
-    mlps = _gated_mlps(model)
-    amax: dict[int, torch.Tensor] = {}
+SMOOTH_SITES = ("down_proj", "attn_in", "mlp_in")  # down_proj's input (folded into up_proj); q/k/v's and gate/up's (into the norm before them)
+FOLDABLE_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")  # y = weight * x / rms(x): a per-channel scale folds into weight
 
-    def hook(i):
+
+def _smooth_sites(model, sites) -> list[tuple[str, torch.nn.Module, list[torch.nn.Linear]]]:
+    """Per decoder layer and site: its key, the module whose output channels feed the site (a Linear or a
+    norm) and the Linears that read them."""
+    unknown = set(sites) - set(SMOOTH_SITES)
+    if unknown:
+        raise ValueError(f"unknown smoothing site(s) {sorted(unknown)}; sites: {', '.join(SMOOTH_SITES)}")
+    mlps = _gated_mlps(model)
+    out = []
+    for i, (layer, mlp) in enumerate(zip(model.get_decoder().layers, mlps)):
+        attn = getattr(layer, "self_attn", None)
+        for site in SMOOTH_SITES:
+            if site not in sites:
+                continue
+            if site == "down_proj":
+                out.append((f"layers.{i}.down_proj", mlp.up_proj, [mlp.down_proj]))
+                continue
+            norm, readers = ((getattr(layer, "input_layernorm", None), [getattr(attn, p, None) for p in ("q_proj", "k_proj", "v_proj")])
+                             if site == "attn_in" else (getattr(layer, "post_attention_layernorm", None), [mlp.gate_proj, mlp.up_proj]))  # fmt: skip
+            if type(norm).__name__ not in FOLDABLE_NORMS or not all(isinstance(r, torch.nn.Linear) for r in readers):
+                raise ValueError(f"{type(model).__name__}: smoothing site {site} needs a {' / '.join(FOLDABLE_NORMS)} before plain "
+                                 f"Linear projections (found {type(norm).__name__}); use compress.smooth_sites: [down_proj]")  # fmt: skip
+            out.append((f"layers.{i}.{site}", norm, readers))
+    return out
+
+
+@torch.no_grad()
+def smoothing_scales(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], alpha: float,
+                     sites: tuple[str, ...] = ("down_proj",)) -> dict[str, torch.Tensor]:  # fmt: skip
+    """SmoothQuant (Xiao et al. 2023): a Linear whose input has a few channels far larger than the rest loses
+    the others to rounding when one int8 scale covers each token row. Per input channel j of a site,
+    ``s_j = max|x_j| ** alpha / max|W_:,j| ** (1 - alpha)`` over ``texts`` (W: every Linear reading the
+    site, stacked): the input is divided by s (folded into the module that writes it: up_proj's rows for
+    ``down_proj``, the RMSNorm's weight for ``attn_in`` (q, k, v) and ``mlp_in`` (gate, up)) and the
+    readers' weight columns multiplied by s, the same function in exact arithmetic. Scales are measured on
+    the unsmoothed model; the folds commute. Returns ``{"layers.I.SITE": s [channels]}``."""
+    found = _smooth_sites(model, sites)
+    amax: dict[str, torch.Tensor] = {}
+
+    def hook(key):
         def fn(module, args, out):
             x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0).float()
-            amax[i] = torch.maximum(amax[i], x) if i in amax else x
+            amax[key] = torch.maximum(amax[key], x) if key in amax else x
         return fn
 
-    handles = [m.down_proj.register_forward_hook(hook(i)) for i, m in enumerate(mlps)]
+    handles = [readers[0].register_forward_hook(hook(key)) for key, _, readers in found]
     try:
         for text in texts:
             model(**tokenizer(text, return_tensors="pt").to(model.device))
@@ -285,24 +317,27 @@ def smoothing_scales(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         for h in handles:
             h.remove()
     scales = {}
-    for i, m in enumerate(mlps):
-        w = m.down_proj.weight.detach().abs().amax(0).float().clamp(min=1e-5)
-        scales[f"layers.{i}.down_proj"] = (amax[i].clamp(min=1e-5).pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-5)
+    for key, _, readers in found:
+        w = torch.cat([r.weight.detach() for r in readers]).abs().amax(0).float().clamp(min=1e-5)
+        scales[key] = (amax[key].clamp(min=1e-5).pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-5)
     return scales
 
 
 @torch.no_grad()
 def apply_smoothing(model: PreTrainedModel, scales: dict[str, torch.Tensor]) -> PreTrainedModel:
-    """Fold ``smoothing_scales`` into the weights, in place: up_proj rows (and bias) / s, down_proj columns * s."""
-    mlps = _gated_mlps(model)
-    if set(scales) != {f"layers.{i}.down_proj" for i in range(len(mlps))}:
-        raise ValueError(f"smoothing scales for {len(scales)} layers do not fit this model's {len(mlps)}")
-    for i, m in enumerate(mlps):
-        s = scales[f"layers.{i}.down_proj"].to(m.up_proj.weight)
-        m.up_proj.weight.div_(s[:, None])
-        if m.up_proj.bias is not None:
-            m.up_proj.bias.div_(s)
-        m.down_proj.weight.mul_(s[None, :])
+    """Fold ``smoothing_scales`` into the weights, in place: the writer's output channels / s (a Linear's
+    rows and bias, a norm's weight), the readers' weight columns * s."""
+    sites = tuple(sorted({k.rsplit(".", 1)[-1] for k in scales}))
+    found = _smooth_sites(model, sites)
+    if set(scales) != {key for key, _, _ in found}:
+        raise ValueError(f"smoothing scales for {len(scales)} sites do not fit this model's {len(found)} ({', '.join(sites)})")
+    for key, writer, readers in found:
+        s = scales[key].to(writer.weight)
+        writer.weight.div_(s[:, None] if writer.weight.ndim == 2 else s)
+        if getattr(writer, "bias", None) is not None:
+            writer.bias.div_(s)
+        for r in readers:
+            r.weight.mul_(s[None, :])
     return model
 
 

@@ -1,21 +1,29 @@
 """Stage `baseline`: the pool-only student, what distillation has to beat.
 
 The same student as `train` (the same init: pruned from the same, corrected where `adapt` ran, teacher;
-the same recipe and epochs) trained on the labelled pool's clean references alone: no teacher
+the same recipe) trained on the labelled pool's clean references alone: no teacher
 sequences, no teacher probabilities, no teacher-labelled prompts. The references go through the
 mixture's own cleaning on their own (deduplicated among themselves, checked for contamination, drawn
 to the layer weights; ``baseline/card.json``): taken from the distilled mixture they would have lost
 every reference the teacher's identical label won a deduplication tie against (the policy refusal,
 above all). Evaluated beside the distilled student on the same held-out examples, with a paired
 interval for the difference. Off unless ``baseline.pool_only``.
+
+Its length: ``baseline.steps: matched`` (the default) trains for as many optimizer steps as the distilled
+student took (``train``'s manifest), cycling over the smaller pool for as many epochs as that needs, on
+the same learning-rate schedule length: a gain of the distilled student is then not bought by the extra
+steps its larger mixture gets at equal epochs. ``epochs``: ``train.epochs`` over the pool, fewer steps.
 """
 
 from __future__ import annotations
 
+import math
+
 from stillroom import atomic
+from stillroom import distributed as dist
 from stillroom.plugins import registry
-from stillroom.rundir import StageContext
-from stillroom.stages.mix import clean, sources_of, split_and_weigh
+from stillroom.rundir import RunError, StageContext, read_manifest
+from stillroom.stages.mix import clean, policy_texts, sources_of, split_and_weigh
 from stillroom.stages.prepare import read_examples, read_split
 from stillroom.stages.train import build_student, fit
 
@@ -31,10 +39,30 @@ def run(ctx: StageContext) -> None:
     task = registry().get("task", cfg.data.task)
     examples = read_examples(ctx.inputs["prepare"], reference_only=True)
     records, card = clean(sources_of(examples, [], [], {"reference"}, set()), examples, read_split(ctx.inputs["prepare"], "eval"),
-                          cfg.data.mixture)  # fmt: skip
+                          cfg.data.mixture, policy_texts(cfg))  # fmt: skip
     train, dev = split_and_weigh(records, cfg, card)
     atomic.write_json(ctx.dir / "card.json", card)
     ctx.counts.update(train_records=len(train), dev_records=len(dev), contaminated=card["contamination"]["records_flagged"])
-    mixture = train + dev
-    fit(ctx, cfg.train.model_copy(update=NO_TEACHER_SIGNAL), mixture, lambda texts: build_student(cfg, ctx.teacher, texts),
-        task.student_messages)
+    recipe = cfg.train.model_copy(update=NO_TEACHER_SIGNAL)
+    if cfg.baseline.steps == "matched":
+        recipe = recipe.model_copy(update=matched_length(distilled_steps(ctx), len(train), cfg.train))
+        ctx.counts["steps_matched_to"] = recipe.max_steps
+    fit(ctx, recipe, train + dev, lambda texts: build_student(cfg, ctx.teacher, texts), task.student_messages)
+
+
+def distilled_steps(ctx: StageContext) -> int:
+    """The optimizer steps the distilled student took (``train/manifest.json``)."""
+    manifest = read_manifest(ctx.inputs["train"])
+    steps = ((manifest or {}).get("counts") or {}).get("steps")
+    if not isinstance(steps, int) or steps < 1:
+        raise RunError(f"{ctx.inputs['train'] / 'manifest.json'}: no step count of the distilled student to match "
+                       "(baseline.steps: matched); run `stillroom train CONFIG` first, or set baseline.steps: epochs")  # fmt: skip
+    return steps
+
+
+def matched_length(steps: int, train_records: int, t) -> dict:
+    """``epochs`` and ``max_steps`` that make ``fit`` take exactly ``steps`` optimizer steps over ``train_records``
+    (its step budget stops the last epoch part way; the schedule spans the ``steps``)."""
+    per_step = t.batch_size * t.grad_accum * dist.world_size()
+    per_epoch = max(1, train_records // per_step)  # full steps only: never too few epochs
+    return {"epochs": max(t.epochs, math.ceil(steps / per_epoch)), "max_steps": steps}

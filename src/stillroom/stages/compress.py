@@ -2,8 +2,9 @@
 
 ``int8_dynamic`` is torch's dynamic quantization: int8 weights with one scale per output channel in
 every ``Linear`` (the head included), activations quantized on the fly per call, for CPU inference.
-Before it, with ``compress.smooth_alpha``, SmoothQuant scales for the MLP down projections are measured
-on ``compress.calibration_examples`` training rows and written to ``smoothing.safetensors``: folded
+Before it, with ``compress.smooth_alpha``, SmoothQuant scales for the inputs of ``compress.smooth_sites``
+(the MLP down projections; q/k/v; gate/up) are measured on ``compress.calibration_examples`` training
+rows and written to ``smoothing.safetensors``: folded
 into the float weights they leave the function unchanged and move the activations' outlier channels
 into the weights, where per-channel scales absorb them. The quantized packed weights have no
 safetensors form, so the stage writes the recipe, the scales and the hash of the float weights;
@@ -65,10 +66,11 @@ def run(ctx: StageContext) -> None:
         if c.smooth_alpha is not None:
             from safetensors.torch import save_file
 
-            scales = models.smoothing_scales(float_model, tokenizer, texts, c.smooth_alpha)
+            sites = tuple(dict.fromkeys(c.smooth_sites))
+            scales = models.smoothing_scales(float_model, tokenizer, texts, c.smooth_alpha, sites)
             with atomic.atomic_path(ctx.dir / SMOOTHING) as tmp:
-                save_file({k: v.contiguous() for k, v in scales.items()}, str(tmp), metadata={"alpha": str(c.smooth_alpha)})
-            recipe["smoothing"] = {"method": "smoothquant_mlp_down", "alpha": c.smooth_alpha, "file": SMOOTHING,
+                save_file({k: v.contiguous() for k, v in scales.items()}, str(tmp), metadata={"alpha": str(c.smooth_alpha), "sites": ",".join(sites)})
+            recipe["smoothing"] = {"method": "smoothquant", "sites": list(sites), "alpha": c.smooth_alpha, "file": SMOOTHING,
                                    "sha256": sha256_file(ctx.dir / SMOOTHING)}  # fmt: skip
             quantized["smoothed_int8"] = models.quantize(models.apply_smoothing(copy.deepcopy(float_model), scales), c.quantize)
         recipe["calibration_rows"] = len(texts)

@@ -139,6 +139,8 @@ def summarize(rows, latencies, new_tokens, batch_s, ecfg, names, price, seed, si
         "latency_p95_ms": round(1000 * percentile(latencies, 95), 1),
         "latency_requests": len(latencies),
         "tokens_per_s": round(new_tokens / batch_s, 2),
+        "requests_per_s": round(len(rows) / batch_s, 4),  # a multi-step example is one request: what a deployment serves
+        "batch_seconds": round(batch_s, 4),  # the batched pass over the examples (eval.batch_size), both rates' denominator
         "peak_memory_mb": peak_mb,
         "cost_per_1k_requests": round(p50 * 1000 / 3600 * price, 5),
         "params": size[0] if size else None,
@@ -253,6 +255,8 @@ def run(ctx: StageContext) -> None:
             out[f"speed_{label}_vs_student"] = {
                 "latency_p50_ratio": round(results["student"]["latency_p50_ms"] / max(results[label]["latency_p50_ms"], 1e-9), 3),
                 "batch_tokens_per_s_ratio": round(results[label]["tokens_per_s"] / max(results["student"]["tokens_per_s"], 1e-9), 3),
+                "batch_requests_per_s_ratio": round(results[label]["requests_per_s"] / max(results["student"]["requests_per_s"], 1e-9), 3),
+                "batch_requests_per_s_vs_teacher": round(results[label]["requests_per_s"] / max(results["teacher"]["requests_per_s"], 1e-9), 3),
             }  # fmt: skip
     if cfg.route.enabled:
         pick = lambda rows: {"teacher": rows["teacher"], "student": rows[routed]}  # noqa: E731

@@ -88,9 +88,14 @@ def sources_of(examples: dict, selected: list[dict], pairs: list[dict], sources:
     return records
 
 
-def decontaminate(records: list[dict], examples: dict, evals: list[dict], c) -> tuple[list[dict], list]:
+def decontaminate(records: list[dict], examples: dict, evals: list[dict], c, policy: tuple[str, ...] = ()) -> tuple[list[dict], list]:
     """Records that overlap an evaluation example (prompts against prompts, targets against
-    references): the records to keep under ``c.action`` and every hit. ``fail`` raises."""
+    references): the records to keep under ``c.action`` and every hit. ``fail`` raises.
+
+    A reference is left out of the target check when it is boilerplate: ``c.boilerplate_min`` or more
+    distinct eval prompts share it, or it is one of the run's own ``policy`` texts (the refusal of
+    ``data.select.refusal_shaping``), which the config declares and which reveals no eval example
+    however few held-out prompts happen to share it."""
     hits = contamination.find([(r["id"], examples[r["example_id"]]["request"]) for r in records],
                               [(e["id"], e["request"]) for e in evals], field="prompt", n=c.n, threshold=c.threshold)  # fmt: skip
     targets = [(e["id"], e["request"], e.get("reference") or trace_text(e["reference_trace"])) for e in evals
@@ -98,7 +103,9 @@ def decontaminate(records: list[dict], examples: dict, evals: list[dict], c) -> 
     prompts_of = collections.defaultdict(set)
     for _, request, text in targets:
         prompts_of[normalize(text)].add(normalize(request))
-    specific = [(i, text) for i, _, text in targets if not c.boilerplate_min or len(prompts_of[normalize(text)]) < c.boilerplate_min]
+    declared = {normalize(p) for p in policy}
+    specific = [(i, text) for i, _, text in targets if normalize(text) not in declared
+                and (not c.boilerplate_min or len(prompts_of[normalize(text)]) < c.boilerplate_min)]  # fmt: skip
     hits += contamination.find([(r["id"], r["text"]) for r in records], specific, field="target", n=c.n, threshold=c.threshold)
     flagged = {h.train_id for h in hits}
     if flagged and c.action == "fail":
@@ -129,11 +136,18 @@ def input_text(example: dict) -> str:
     return example["request"] + (f"\n(tools: {', '.join(names)})" if names else "")
 
 
-def clean(records: list[dict], examples: dict, evals: list[dict], m) -> tuple[list[dict], dict]:
+def policy_texts(cfg) -> tuple[str, ...]:
+    """The answers the config itself prescribes (the refusal of ``data.select.refusal_shaping``): in the
+    eval split's references they are policy, not an example's answer, so never contamination."""
+    return (cfg.data.select.refusal_shaping,) if cfg.data.select.refusal_shaping else ()
+
+
+def clean(records: list[dict], examples: dict, evals: list[dict], m, policy: tuple[str, ...] = ()) -> tuple[list[dict], dict]:
     """Exact and near duplicates out (on input + target: ``input_text``), then the contamination check against every
     evaluation example: the records kept and a card (counts after each step, duplicates, hits). The
     pool-only baseline runs its own records through this too, so its references are deduplicated
-    among themselves, not against the teacher's labels."""
+    among themselves, not against the teacher's labels. ``policy``: the run's declared policy texts
+    (``policy_texts``), never contamination."""
 
     def keyed(rs):  # a pair is its prompt with both sides: it never duplicates the reference it prefers
         return [(r["id"], input_text(examples[r["example_id"]]) + "\n" + r["text"] + ("\n<rejected>\n" + r["rejected"] if r["source"] == "pair" else ""))
@@ -149,10 +163,10 @@ def clean(records: list[dict], examples: dict, evals: list[dict], m) -> tuple[li
     card["duplicates"] = {"exact": len(dups), "near": len(near),
                           "examples": [{"dropped": a, "kept": b} for a, b in list({**dups, **near}.items())[:EXAMPLES_IN_CARD]]}  # fmt: skip
     c = m.contamination
-    kept, hits = decontaminate(records, examples, evals, c)
+    kept, hits = decontaminate(records, examples, evals, c, policy)
     flagged = {h.train_id for h in hits}
     card["contamination"] = {
-        "action": c.action, "records_flagged": len(flagged),
+        "action": c.action, "records_flagged": len(flagged), "policy_texts": list(policy),
         "by_field": dict(collections.Counter(h.field for h in hits)),
         "examples": [{"train": h.train_id, "eval": h.eval_id, "field": h.field, "containment": h.containment} for h in hits[:EXAMPLES_IN_CARD]],
     }  # fmt: skip
@@ -182,7 +196,7 @@ def run(ctx: StageContext) -> None:
 
     # 1) sources: selected signals and clean references; 2) duplicates; 3) contamination
     records = sources_of(examples, selected, atomic.read_jsonl(ctx.inputs["select"] / "pairs.jsonl"), set(m.sources), set(cfg.signals.kind))
-    records, card = clean(records, examples, evals, m)
+    records, card = clean(records, examples, evals, m, policy_texts(cfg))
 
     # 4) the cap on self-made records, then the train split drawn to the layer weights; dev kept as is
     records, card["self_cap"] = cap_self(records, cfg.signals.self.max_share, random.Random(f"{cfg.run.seed}/self"))

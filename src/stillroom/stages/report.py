@@ -58,9 +58,9 @@ def blocks(cfg, results: dict, verdict: dict, card: dict, mix_card: dict, manife
               f"{len(verdict['gates'])} gates passed)."),  # fmt: skip
         ("h2", "Teacher vs student"),
         ("table", ["model", *[n.replace("_", " ") for n in names], "ECE", "Brier", "params", "weights (MB)", "prompt tokens",
-                   "p50 / p95 latency (ms)", "tokens/s", "peak memory (MB)", "cost / 1k req"],
+                   "p50 / p95 latency (ms)", "tokens/s", "requests/s", "peak memory (MB)", "cost / 1k req"],
          [[name, *[_ci(m["metrics"][n]) for n in names], f"{m['ece']:.3f}", f"{m['brier']:.3f}", _millions(m["params"]),
-           m["weight_mb"], m["mean_prompt_tokens"], f"{m['latency_p50_ms']} / {m['latency_p95_ms']}", m["tokens_per_s"],
+           m["weight_mb"], m["mean_prompt_tokens"], f"{m['latency_p50_ms']} / {m['latency_p95_ms']}", m["tokens_per_s"], m.get("requests_per_s", "-"),
            m["peak_memory_mb"], m["cost_per_1k_requests"]] for name, m in models.items()]),  # fmt: skip
         *([("p", f"The teacher's few-shot context is part of its latency: the same requests without it take "
                  f"{t['latency_p50_ms_without_context']} ms at p50 against {t['latency_p50_ms']} ms with it "
@@ -195,7 +195,8 @@ def _compression_and_cascade(results: dict, models: dict) -> list[tuple]:
             d, sp = results[f"deltas_{label}_vs_student"]["all"], results[f"speed_{label}_vs_student"]
             out += [("h2", f"Quantized student ({label})"),
                     ("p", f"Against the float student on the same examples: task success {_delta(d['task_success'])} points; "
-                          f"p50 latency {sp['latency_p50_ratio']}x faster, batch tokens/s {sp['batch_tokens_per_s_ratio']}x; "
+                          f"p50 latency {sp['latency_p50_ratio']}x faster, batch tokens/s {sp['batch_tokens_per_s_ratio']}x, "
+                          f"requests/s {sp.get('batch_requests_per_s_ratio', '-')}x ({sp.get('batch_requests_per_s_vs_teacher', '-')}x the teacher's); "
                           f"weights {models[label]['weight_mb']} MB against {models['student']['weight_mb']} MB.")]  # fmt: skip
     c = results.get("cascade")
     if c:
