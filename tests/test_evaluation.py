@@ -99,6 +99,18 @@ def test_targets_become_gates_on_the_measured_figures():
     assert by_metric["latency_p95_ms"]["rows"][0]["threshold"] == 1000
 
 
+def test_a_throughput_gate_compares_requests_per_s_with_the_teachers():
+    """``requests_per_s`` (the eval stage's batched pass: answers / seconds) is a gate metric: a student that
+    decodes more tokens per second but writes twice as long answers serves fewer requests."""
+    cfg = EvalConfig(gates=[{"metric": "requests_per_s", "vs": "teacher", "min_ratio": 2.0}])
+    results = {"models": {"teacher": {"metrics": {}, "tokens_per_s": 30.0, "requests_per_s": 0.75},
+                          "student": {"metrics": {}, "tokens_per_s": 90.0, "requests_per_s": 1.2}}}  # fmt: skip
+    v = gates.verdict(results, cfg.gates, Targets())
+    assert not v["passed"] and v["gates"][0]["rows"][0]["threshold"] == 1.5 and v["gates"][0]["rows"][0]["value"] == 1.2
+    results["models"]["student"]["requests_per_s"] = 1.6
+    assert gates.verdict(results, cfg.gates, Targets())["passed"]
+
+
 def test_a_gate_with_nothing_to_measure_passes_and_says_so():
     results = {"models": {"teacher": _summary(_rows("teacher", {"a": [1]})), "student": _summary(_rows("student", {"a": [1]}))}}
     for r in results["models"].values():
