@@ -108,7 +108,8 @@ def test_corrected_teacher_feeds_every_later_stage_and_baselines_are_measured(tm
         m = results["models"][label]  # eval records requests/s; new tokens / tokens/s recovers the same pass's seconds
         seconds = sum(r["new_tokens"] for r in mine) / m["tokens_per_s"]
         assert row["examples"] == len(mine) == m["examples"] and row["requests_per_s"] == m["requests_per_s"]
-        assert m["requests_per_s"] == pytest.approx(len(mine) / seconds, rel=1e-3) == pytest.approx(len(mine) / m["batch_seconds"], rel=1e-3)
+        # the tiny model's pass lasts tens of milliseconds: batch_seconds (4 decimals) and tokens/s (2) are rounded by up to ~0.3% here
+        assert m["requests_per_s"] == pytest.approx(len(mine) / seconds, rel=1e-2) and m["requests_per_s"] == pytest.approx(len(mine) / m["batch_seconds"], rel=1e-2)
     assert {"teacher", "student", "pool_only"} <= set(speed) and speed["teacher"]["requests_per_s_ratio"] == 1.0
 
 
