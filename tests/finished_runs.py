@@ -52,7 +52,7 @@ def seal(run: Path) -> None:
     from stillroom.run_check import read_config
 
     cfg = read_config(run)
-    for st in upstream(_stages(), "eval"):
+    for st in upstream(_stages(cfg), "eval"):
         folder = run / st.name
         if not folder.exists():
             atomic.write_json(folder / "counts.json", {"stage": st.name})

@@ -78,6 +78,21 @@ def test_stage_graph_order_and_dependencies():
     assert downstream(stages, {"eval"}) == {"eval", "report"}
 
 
+@pytest.mark.parametrize("baseline", [{"steps": "epochs"}, {"pool_only": False}])
+def test_a_baseline_that_matches_no_step_count_does_not_read_train(baseline):
+    """Only `baseline.steps: matched` reads the distilled student's step count: with fixed epochs, or no
+    pool-only student, a new mixture or training leaves the baseline as it was."""
+    data = {"mixture": {"sources": ["teacher", "reference"]}}  # a pool-only student needs the distilled one to see the pool too
+    common = {"data": data, "train": {"reference_weight": 1.0}}
+    matched = PipelineConfig.model_validate({**common, "baseline": {"pool_only": True, "steps": "matched"}})
+    other = PipelineConfig.model_validate({**common, "baseline": {"pool_only": True, **baseline}})
+    assert "baseline" in downstream(_stages(matched), {"train"})
+    stages = _stages(other)
+    assert next(s for s in stages if s.name == "baseline").needs == ("prepare", "adapt")
+    assert downstream(stages, {"mix"}) == {"mix", "train", "compress", "eval", "report"}
+    assert [s.name for s in upstream(stages, "baseline")] == ["prepare", "adapt", "baseline"]
+
+
 def test_a_changed_prompt_context_changes_the_task_fingerprint(monkeypatch):
     """Generate, select, train and eval carry the task's fingerprint in their keys: editing the teacher's
     worked examples must redo its signals instead of reusing ones made under the old context."""

@@ -22,7 +22,9 @@ from stillroom.rundir import MANIFEST, RunError, Stage, StageContext, is_fresh, 
 console = Console(stderr=True)
 
 
-def _stages() -> list[Stage]:
+def _stages(cfg: PipelineConfig | None = None) -> list[Stage]:
+    """The stages in order; with ``cfg``, each reads only what that config makes it read (without,
+    everything it can read)."""
     # imported lazily: stage modules pull in torch, the config path must not
     from stillroom.stages import adapt, baseline, compress, evaluate, generate, mix, prepare, report, select, self_generate, train
 
@@ -43,7 +45,7 @@ def _stages() -> list[Stage]:
         Stage("train", train.run, ("prepare", "adapt", "generate", "mix"), ("run.seed", "teacher", "student", "train", "signals.on_policy",
               "signals.max_new_tokens", "signals.top_k", "signals.batch_size"), "train the student",
               "0.4.0", task=True),
-        Stage("baseline", baseline.run, ("prepare", "adapt", "train"), ("run.seed", "teacher", "student", "train", "baseline",
+        Stage("baseline", baseline.run, baseline.needs(cfg), ("run.seed", "teacher", "student", "train", "baseline",
               "data.layer_weights", "data.mixture", "data.select.refusal_shaping"),
               "the pool-only student: same init, recipe and steps, the labelled pool alone", "0.4.0", task=True),
         Stage("compress", compress.run, ("prepare", "mix", "train"), ("compress", "data.task"),
@@ -102,7 +104,7 @@ def upstream(stages: list[Stage], target: str) -> list[Stage]:
 
 def run_pipeline(cfg: PipelineConfig, until: str = "report", force: set[str] = frozenset()) -> Path:
     """Run every stage needed for ``until``; returns the run directory."""
-    stages = _stages()
+    stages = _stages(cfg)
     unknown = set(force) - set(STAGE_NAMES)
     if unknown:
         raise ValueError(f"--force: unknown stage(s) {sorted(unknown)}; stages: {', '.join(STAGE_NAMES)}")

@@ -63,7 +63,7 @@ def check_stages(run_dir: Path, cfg: PipelineConfig, until: str = "eval") -> Non
     from stillroom.pipeline import _stages, upstream
 
     redo = f"rerun `stillroom {until} CONFIG` so every stage matches {run_dir / 'config.yaml'}, then register again"
-    for st in upstream(_stages(), until):
+    for st in upstream(_stages(cfg), until):
         folder = run_dir / st.name
         m = read_manifest(folder)
         if not m or m.get("status") != "complete":

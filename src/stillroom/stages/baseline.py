@@ -17,10 +17,7 @@ steps its larger mixture gets at equal epochs. ``epochs``: ``train.epochs`` over
 
 from __future__ import annotations
 
-import math
-
 from stillroom import atomic
-from stillroom import distributed as dist
 from stillroom.plugins import registry
 from stillroom.rundir import RunError, StageContext, read_manifest
 from stillroom.stages.mix import clean, policy_texts, sources_of, split_and_weigh
@@ -43,11 +40,18 @@ def run(ctx: StageContext) -> None:
     train, dev = split_and_weigh(records, cfg, card)
     atomic.write_json(ctx.dir / "card.json", card)
     ctx.counts.update(train_records=len(train), dev_records=len(dev), contaminated=card["contamination"]["records_flagged"])
-    recipe = cfg.train.model_copy(update=NO_TEACHER_SIGNAL)
-    if cfg.baseline.steps == "matched":
-        recipe = recipe.model_copy(update=matched_length(distilled_steps(ctx), len(train), cfg.train))
-        ctx.counts["steps_matched_to"] = recipe.max_steps
-    fit(ctx, recipe, train + dev, lambda texts: build_student(cfg, ctx.teacher, texts), task.student_messages)
+    steps = distilled_steps(ctx) if cfg.baseline.steps == "matched" else None
+    if steps is not None:
+        ctx.counts["steps_matched_to"] = steps
+    fit(ctx, cfg.train.model_copy(update=NO_TEACHER_SIGNAL), train + dev, lambda texts: build_student(cfg, ctx.teacher, texts),
+        task.student_messages, steps=steps)  # fmt: skip
+
+
+def needs(cfg) -> tuple[str, ...]:
+    """The stages `baseline` reads: `train` only for the step count it matches (a new distilled student
+    leaves a pool-only student of fixed epochs, or none, as it was)."""
+    matched = cfg is None or (cfg.baseline.pool_only and cfg.baseline.steps == "matched")
+    return ("prepare", "adapt", "train") if matched else ("prepare", "adapt")
 
 
 def distilled_steps(ctx: StageContext) -> int:
@@ -59,10 +63,3 @@ def distilled_steps(ctx: StageContext) -> int:
                        "(baseline.steps: matched); run `stillroom train CONFIG` first, or set baseline.steps: epochs")  # fmt: skip
     return steps
 
-
-def matched_length(steps: int, train_records: int, t) -> dict:
-    """``epochs`` and ``max_steps`` that make ``fit`` take exactly ``steps`` optimizer steps over ``train_records``
-    (its step budget stops the last epoch part way; the schedule spans the ``steps``)."""
-    per_step = t.batch_size * t.grad_accum * dist.world_size()
-    per_epoch = max(1, train_records // per_step)  # full steps only: never too few epochs
-    return {"epochs": max(t.epochs, math.ceil(steps / per_epoch)), "max_steps": steps}

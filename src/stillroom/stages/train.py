@@ -405,10 +405,12 @@ def run(ctx: StageContext) -> None:
     fit(ctx, ctx.cfg.train, mixture, lambda texts: build_student(ctx.cfg, ctx.teacher, texts), task.student_messages)
 
 
-def fit(ctx: StageContext, t, mixture: list[dict], build, messages_of) -> None:
+def fit(ctx: StageContext, t, mixture: list[dict], build, messages_of, steps: int | None = None) -> None:
     """Train a model on ``mixture`` with the objective ``t`` (a TrainConfig) and save it to
     ``ctx.dir/model``. ``build(sample_texts)`` makes the model, its tokenizer and a description of its
-    origin; ``messages_of(example)`` is the prompt the model answers behind."""
+    origin; ``messages_of(example)`` is the prompt the model answers behind. ``steps``: a step budget
+    in place of ``t.epochs`` and ``t.max_steps``: exactly that many optimizer steps, over as many epochs
+    (each its own shuffle) as they need, the last one stopped part way."""
     cfg = ctx.cfg
     world, rank, device = dist.world_size(), dist.rank(), dist.device()
     torch.manual_seed(cfg.run.seed)
@@ -487,7 +489,8 @@ def fit(ctx: StageContext, t, mixture: list[dict], build, messages_of) -> None:
     wrapped = torch.nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
     group_size = t.batch_size * t.grad_accum * world  # rows per optimizer step, all processes together
     steps_per_epoch = math.ceil(len(epoch_order(len(rows["train"]), 0, 0, world)) / group_size)
-    main_steps = min(steps_per_epoch * t.epochs, t.max_steps or steps_per_epoch * t.epochs)
+    epochs = t.epochs if steps is None else math.ceil(steps / steps_per_epoch)
+    main_steps = steps or min(steps_per_epoch * t.epochs, t.max_steps or steps_per_epoch * t.epochs)
     on_policy = on_policy_prompts(mixture, examples) if t.on_policy_weight > 0 else []
     op_steps = math.ceil(len(on_policy) / group_size) if on_policy else 0  # one pass over the prompts per round
     total_steps = main_steps + cfg.signals.on_policy.rounds * op_steps  # the schedule spans the on-policy rounds too
@@ -537,7 +540,7 @@ def fit(ctx: StageContext, t, mixture: list[dict], build, messages_of) -> None:
     with bar(enabled=dist.is_main()) as progress:
         job = add(progress, "train", total_steps, "step")
         progress.advance(job, state["step"])
-        for epoch in range(state["epoch"], t.epochs):
+        for epoch in range(state["epoch"], epochs):
             order = epoch_order(len(rows["train"]), cfg.run.seed, epoch, world)
             groups = [order[i : i + group_size] for i in range(0, len(order), group_size)]
             for g in range(state["group"], len(groups)):
