@@ -112,6 +112,29 @@ def test_corrected_teacher_feeds_every_later_stage_and_baselines_are_measured(tm
         assert m["requests_per_s"] == pytest.approx(len(mine) / seconds, rel=1e-2) and m["requests_per_s"] == pytest.approx(len(mine) / m["batch_seconds"], rel=1e-2)
     assert {"teacher", "student", "pool_only"} <= set(speed) and speed["teacher"]["requests_per_s_ratio"] == 1.0
 
+    # the cascade under a teacher budget (benchmarks/cascade_budget.py), read off the held-out curve
+    def cascade_budget(max_share: str) -> dict:
+        bench = Path(__file__).parents[1] / "benchmarks" / "cascade_budget.py"
+        proc = subprocess.run([sys.executable, str(bench), "--run", str(run), "--max-share", max_share], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout)
+
+    nothing, everything = cascade_budget("0"), cascade_budget("1")
+    teacher_success = results["models"]["teacher"]["metrics"]["task_success"]["mean"]
+    assert nothing["teacher_task_success"]["mean"] == teacher_success
+    for name in ("student", "pool_only"):
+        own = results["models"][name]["metrics"]["task_success"]["mean"]
+        fails = sum(not r["metrics"]["format_validity"] for r in answers if r["model"] == name) / n
+        for signal in ("mean_token_prob", "min_token_prob", "seq_prob"):
+            curves = nothing["first_models"][name]["signals"][signal]
+            alone, checked = curves["confidence_only"], curves["with_verifier"]
+            # no teacher at all: the student's own answers; the verifier alone already sends its format failures
+            assert alone["best_within_budget"]["teacher_share"] == 0.0 and alone["best_within_budget"]["task_success"]["mean"] == pytest.approx(own, abs=1e-4)
+            assert checked["lowest_share"] == pytest.approx(fails, abs=1e-4) and (checked["best_within_budget"] is None) == (fails > 0)
+            full = everything["first_models"][name]["signals"][signal]["confidence_only"]
+            # the whole budget: at least the teacher's success (everything escalated), reached at some share <= 1
+            assert full["best_within_budget"]["task_success"]["mean"] >= teacher_success - 1e-4 and 0.0 <= full["share_to_reach_teacher"] <= 1.0
+
 
 def test_on_policy_rounds_score_the_students_own_samples(tmp_path, tiny_model_dir):
     """Signal `on_policy`: each round the student samples answers to the train prompts, the teacher scores

@@ -1,0 +1,90 @@
+"""The cascade under a teacher budget, from a finished run's recorded answers (nothing is re-run).
+
+    python benchmarks/cascade_budget.py --run runs/demo [--max-share 0.4]
+
+The eval stage fits the cascade's threshold on the dev split (the smallest teacher share that reaches
+the target) and applies it unchanged to the held-out split. This asks the converse question, the one
+a team with a serving budget asks: with at most ``--max-share`` of the requests sent to the teacher,
+what task success can the cascade reach, and what teacher share does the teacher's own task success
+need? Both are read off the held-out curve itself (every threshold's held-out success and share, the
+same ``routing.curve`` the eval stage draws), so they are hindsight: an upper bound on what any
+threshold fitted elsewhere reaches on these examples, not a fitted result.
+
+For each first model the run evaluated (the int8 student, the float student, the pool-only student),
+each confidence signal, with and without the format verifier. Also the verifier's floor: the share of
+answers failing the format check (the verifier alone sends those) and the teacher's task success on
+them. Prints one JSON object; the eval stage's own fitted cascade is repeated under ``fitted``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+FIRST_MODELS = ("student_int8", "student", "pool_only")
+
+
+def budget(student: list[dict], teacher: list[dict], signal: str, verifier: bool, max_share: float, seed: int) -> dict:
+    from stillroom import metrics, routing
+
+    points = routing.curve(student, teacher, signal, verifier)
+    teacher_success = sum(r["metrics"]["task_success"] for r in teacher) / len(teacher)
+    within = [p for p in points if p["teacher_share"] <= max_share + 1e-12]
+    reaching = [p for p in points if p["task_success"] >= round(teacher_success, 4) - 1e-12]
+    out = {"lowest_share": min(p["teacher_share"] for p in points)}
+    if within:
+        best = max(within, key=lambda p: (p["task_success"], -p["teacher_share"]))
+        success, share = routing.outcome(student, teacher, best["threshold"], signal, verifier)
+        out["best_within_budget"] = {"task_success": metrics.summary(success, seed), "teacher_share": round(share, 4), "threshold": best["threshold"]}
+    else:
+        out["best_within_budget"] = None  # even the lowest threshold sends more than the budget (the verifier's floor)
+    out["share_to_reach_teacher"] = min(p["teacher_share"] for p in reaching) if reaching else None
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", default="runs/demo", help="a run whose eval stage finished")
+    ap.add_argument("--max-share", type=float, default=0.4, help="the teacher budget: at most this share of requests")
+    args = ap.parse_args()
+
+    from stillroom import atomic, metrics, routing
+
+    run = Path(args.run)
+    results_path, outputs_path = run / "eval" / "results.json", run / "eval" / "outputs.jsonl"
+    if not results_path.exists() or not outputs_path.exists():
+        sys.exit(f"{run}: no finished eval stage ({results_path} and {outputs_path}); run `stillroom eval CONFIG` first")
+    results = json.loads(results_path.read_text())
+    seed = results.get("seed", 0)
+    rows = atomic.read_jsonl(outputs_path)
+    teacher = [r for r in rows if r["model"] == "teacher"]
+    if not teacher:
+        sys.exit(f"{outputs_path}: no answers of the teacher; the cascade needs them")
+    by_id = {r["example_id"]: r for r in teacher}
+    teacher_success = metrics.summary([r["metrics"]["task_success"] for r in teacher], seed)
+    out = {"run": str(run), "max_share": args.max_share, "examples": len(teacher), "teacher_task_success": teacher_success,
+           "hindsight": "thresholds read off the held-out curve itself: upper bounds, not fitted results", "first_models": {}}  # fmt: skip
+    fitted = results.get("cascade")
+    if fitted:
+        out["fitted"] = {k: fitted[k] for k in ("student", "signal", "verifier", "threshold", "dev_examples", "dev", "eval") if k in fitted}
+    for name in FIRST_MODELS:
+        student = [r for r in rows if r["model"] == name]
+        if not student:
+            continue
+        if {r["example_id"] for r in student} != set(by_id):
+            sys.exit(f"{outputs_path}: {name} and the teacher answered different examples")
+        failing = [r for r in student if not r["metrics"].get("format_validity", 1.0)]
+        out["first_models"][name] = {
+            "task_success": metrics.summary([r["metrics"]["task_success"] for r in student], seed),
+            "format_failures": {"share": round(len(failing) / len(student), 4),
+                                "teacher_task_success_on_them": round(sum(by_id[r["example_id"]]["metrics"]["task_success"] for r in failing) / max(len(failing), 1), 4)},
+            "signals": {signal: {("with_verifier" if v else "confidence_only"): budget(student, teacher, signal, v, args.max_share, seed)
+                                 for v in (True, False)} for signal in routing.SIGNALS},
+        }  # fmt: skip
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
