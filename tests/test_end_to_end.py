@@ -32,7 +32,7 @@ def config(tmp_path, tiny_model_dir) -> Path:
         "train": {"epochs": 1, "batch_size": 4, "max_length": 256, "kd_weight": 0.5},
         # the default gates plus one a random tiny student cannot pass: `run` must exit 3 after the report
         "compress": {"quantize": "int8_dynamic"},
-        "route": {"enabled": True},
+        "route": {"enabled": True, "max_teacher_share": 0.5},
         "eval": {"max_examples": 6, "max_new_tokens": 12, "latency_requests": 2,
                  "gates": [g.model_dump(exclude_none=True) for g in DEFAULT_GATES] + [{"metric": "task_success", "min": 0.5, "name": "planted"}]},
     }
@@ -100,7 +100,12 @@ def test_run_skip_force_and_a_loadable_student(config, tmp_path):
     assert results["student_int8"]["metrics"]["task_success"]["n"] == results["student"]["metrics"]["task_success"]["n"]
     assert set(manifest(run, "eval")["timings"]) >= {f"{label}_s" for label in results}  # where the eval's time went, per model
     everything = json.loads((run / "eval" / "results.json").read_text())
-    assert 0 <= everything["cascade"]["eval"]["teacher_share"] <= 1 and everything["cascade"]["dev_examples"] > 0
+    cascade = everything["cascade"]
+    assert 0 <= cascade["eval"]["teacher_share"] <= 1 and cascade["dev_examples"] > 0
+    # within the teacher budget on dev, unless even the smallest share overspends it
+    assert cascade["max_teacher_share"] == 0.5 and cascade["within_budget_on_dev"] == (cascade["dev"]["teacher_share"] <= 0.5)
+    assert cascade["within_budget_on_dev"] or cascade["dev"]["teacher_share"] == min(p["teacher_share"] for p in cascade["dev_curve"])
+    assert "within a teacher budget of 50.0%" in (run / "report.md").read_text()
     assert "latency_p50_ratio" in everything["speed_student_int8_vs_student"]
     assert set(results["student"]["per_slice"]) == {r["slice"] for r in map(json.loads, (run / "eval" / "outputs.jsonl").open())}
 
@@ -127,7 +132,8 @@ def test_run_skip_force_and_a_loadable_student(config, tmp_path):
 
     forced = cli("run", config, "--force", "train", expect=GATES_FAILED)
     skipped = [s for s in STAGES if f"{s}: up to date" in forced.stderr]
-    assert skipped == ["prepare", "adapt", "generate", "self_generate", "select", "mix"], forced.stderr  # baseline reads train's step count
+    # without a pool-only student (baseline.pool_only: false here) `baseline` reads nothing of `train`: a new student leaves it
+    assert skipped == ["prepare", "adapt", "generate", "self_generate", "select", "mix", "baseline"], forced.stderr
 
     bad = cli("run", config, "--force", "nosuchstage", check=False)
     assert bad.returncode == 2 and "unknown stage" in bad.stderr

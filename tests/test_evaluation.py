@@ -147,9 +147,8 @@ def _route_rows(model: str, conf_success: list[tuple[float, int, int]]) -> list[
 
 
 def test_cascade_threshold_reaches_the_target_with_the_fewest_teacher_answers():
-    from types import SimpleNamespace
-
     from stillroom import routing
+    from stillroom.config import RouteConfig
 
     # the student is right when confident (>= 0.6) and wrong below; one confident answer is malformed
     student = _route_rows("student", [(0.9, 1, 1), (0.8, 1, 1), (0.7, 0, 0), (0.6, 1, 1), (0.4, 0, 1), (0.3, 0, 1), (0.2, 0, 1), (0.1, 0, 1)])
@@ -162,27 +161,49 @@ def test_cascade_threshold_reaches_the_target_with_the_fewest_teacher_answers():
     assert 0.4 < chosen["threshold"] <= 0.6
     without_verifier, _ = routing.choose(routing.curve(student, teacher, "mean_token_prob", verifier=False), target=1.0)
     assert without_verifier["teacher_share"] > chosen["teacher_share"]  # must also escalate the confident malformed one
-    route = SimpleNamespace(signal="mean_token_prob", verifier=True, target="teacher")
+    route = RouteConfig(signal="mean_token_prob", verifier=True, target="teacher")
     fitted = routing.fit_and_evaluate({"student": student, "teacher": teacher}, {"student": student, "teacher": teacher}, route, 0)
     assert fitted["target"] == 1.0 and fitted["eval"]["teacher_share"] == 5 / 8 and fitted["eval"]["task_success"]["mean"] == 1.0
 
 
 def test_cascade_auto_keeps_the_verifier_only_where_it_pays():
-    from types import SimpleNamespace
-
     from stillroom import routing
+    from stillroom.config import RouteConfig
 
     # the verifier catches the one confident malformed answer, which the teacher gets right: worth it
     student = _route_rows("student", [(0.9, 1, 1), (0.8, 0, 0), (0.7, 1, 1), (0.2, 0, 1)])
     teacher = _route_rows("teacher", [(0.5, 1, 1)] * 4)
-    auto = SimpleNamespace(signal="mean_token_prob", verifier="auto", target="teacher")
+    auto = RouteConfig(signal="mean_token_prob", verifier="auto", target="teacher")
     rows = {"student": student, "teacher": teacher}
     fitted = routing.fit_and_evaluate(rows, rows, auto, 0)
     assert fitted["verifier"] is True and fitted["dev"] == {"task_success": 1.0, "teacher_share": 0.5}
     # the teacher fails where the student's format fails: escalating those buys nothing, so auto drops the verifier
     teacher = _route_rows("teacher", [(0.5, 1, 1), (0.5, 0, 1), (0.5, 1, 1), (0.5, 1, 1)])
     rows = {"student": student, "teacher": teacher}
-    fitted = routing.fit_and_evaluate(rows, rows, SimpleNamespace(signal="mean_token_prob", verifier="auto", target=0.75), 0)
+    fitted = routing.fit_and_evaluate(rows, rows, RouteConfig(signal="mean_token_prob", verifier="auto", target=0.75), 0)
     assert fitted["verifier"] is False and fitted["dev"] == {"task_success": 0.75, "teacher_share": 0.25}
-    on = routing.fit_and_evaluate(rows, rows, SimpleNamespace(signal="mean_token_prob", verifier=True, target=0.75), 0)
+    on = routing.fit_and_evaluate(rows, rows, RouteConfig(signal="mean_token_prob", verifier=True, target=0.75), 0)
     assert on["dev"]["teacher_share"] == 0.5 and on["verifier_setting"] is True
+
+
+def test_cascade_within_a_teacher_budget():
+    """route.max_teacher_share: only thresholds within the budget compete; the best task success among them
+    where none reaches the target; with verifier auto, a policy within the budget beats one outside it."""
+    from stillroom import routing
+    from stillroom.config import RouteConfig
+
+    student = _route_rows("student", [(0.9, 1, 1), (0.8, 1, 1), (0.7, 0, 0), (0.6, 1, 1), (0.4, 0, 1), (0.3, 0, 1), (0.2, 0, 1), (0.1, 0, 1)])
+    teacher = _route_rows("teacher", [(0.5, 1, 1)] * 8)
+    points = routing.curve(student, teacher, "mean_token_prob", verifier=True)
+    assert routing.choose(points, target=1.0)[0]["teacher_share"] == 5 / 8  # unbounded: the target at 5 of 8
+    chosen, reached = routing.choose(points, target=1.0, max_share=0.5)
+    assert not reached and chosen["teacher_share"] == 0.5 and chosen["task_success"] == 7 / 8  # the malformed one and the 3 least sure
+    rows = {"student": student, "teacher": teacher}
+    fitted = routing.fit_and_evaluate(rows, rows, RouteConfig(verifier=True, max_teacher_share=0.5), 0)
+    assert fitted["within_budget_on_dev"] and fitted["eval"]["teacher_share"] == 0.5 and fitted["eval"]["task_success"]["mean"] == 7 / 8
+    assert "max_teacher_share" not in routing.fit_and_evaluate(rows, rows, RouteConfig(verifier=True), 0)
+    # a budget below the verifier's floor (1 of 8 answers is malformed): the verifier alone overspends it
+    floor = routing.fit_and_evaluate(rows, rows, RouteConfig(verifier=True, max_teacher_share=0.1), 0)
+    assert not floor["within_budget_on_dev"] and floor["dev"]["teacher_share"] == 1 / 8
+    auto = routing.fit_and_evaluate(rows, rows, RouteConfig(verifier="auto", max_teacher_share=0.1), 0)
+    assert auto["within_budget_on_dev"] and auto["verifier"] is False and auto["dev"]["teacher_share"] == 0.0

@@ -649,6 +649,9 @@ class RouteConfig(Section):
     signal: Literal["mean_token_prob", "min_token_prob", "seq_prob"] = "mean_token_prob"  # the student's confidence
     verifier: bool | Literal["auto"] = True  # also escalate when the student's answer fails the format verifiers (auto: fitted on dev)
     target: Literal["teacher"] | float = "teacher"  # dev task success to reach: the teacher's, or a share in [0, 1]
+    # a teacher budget: only thresholds sending at most this share of the dev requests to the teacher; the best task
+    # success among them where none reaches `target` (a dev fit: the held-out share is measured, not promised)
+    max_teacher_share: float | None = Field(None, ge=0, le=1)
 
     @field_validator("target")
     @classmethod

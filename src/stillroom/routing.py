@@ -2,7 +2,9 @@
 below a threshold, or (optionally) when the student's answer fails the format verifiers.
 
 The threshold is fitted on the dev split: among all thresholds, the one that reaches the target task
-success (the teacher's on dev, or a set share) with the smallest teacher share. It is then applied,
+success (the teacher's on dev, or a set share) with the smallest teacher share; with a teacher budget
+(``route.max_teacher_share``), among the thresholds within it, the best task success where none
+reaches the target. It is then applied,
 unchanged, to the held-out split. Both models decode greedily, so a cascade's answer to an example
 is exactly the answer of the model it routes to; the figures come from the two models' recorded answers.
 """
@@ -53,8 +55,13 @@ def curve(student: list[dict], teacher: list[dict], signal: str, verifier: bool)
     return points
 
 
-def choose(points: list[dict], target: float) -> tuple[dict, bool]:
-    """The point with the smallest teacher share that reaches ``target``; else the best task success."""
+def choose(points: list[dict], target: float, max_share: float | None = None) -> tuple[dict, bool]:
+    """The point with the smallest teacher share that reaches ``target``; else the best task success.
+    With a teacher budget ``max_share`` only the points within it compete (none within: the one with
+    the smallest share)."""
+    if max_share is not None:
+        within = [p for p in points if p["teacher_share"] <= max_share + 1e-12]
+        points = within or [min(points, key=lambda p: (p["teacher_share"], p["threshold"]))]
     reaching = [p for p in points if p["task_success"] >= target - 1e-12]
     if reaching:
         return min(reaching, key=lambda p: (p["teacher_share"], p["threshold"])), True
@@ -64,15 +71,18 @@ def choose(points: list[dict], target: float) -> tuple[dict, bool]:
 def fit_and_evaluate(dev_rows: dict[str, list[dict]], eval_rows: dict[str, list[dict]], route, seed: int) -> dict:
     """Fit on dev (the threshold, and with ``route.verifier: auto`` whether failing the format verifiers
     escalates too: the cheaper policy that reaches the target, the verifier kept on a tie), then apply
-    it unchanged to the held-out rows."""
+    it unchanged to the held-out rows. With ``route.max_teacher_share`` a policy within that budget on
+    dev wins over one outside it, whatever their task success."""
     s_dev, t_dev = dev_rows["student"], dev_rows["teacher"]
     teacher_dev = sum(r["metrics"]["task_success"] for r in t_dev) / max(len(t_dev), 1)
     target = teacher_dev if route.target == "teacher" else float(route.target)
+    budget = route.max_teacher_share
     fits = []
     for verifier in ([True, False] if route.verifier == "auto" else [route.verifier]):
         dev_curve = curve(s_dev, t_dev, route.signal, verifier)
-        chosen, reached = choose(dev_curve, target)
-        rank = (not reached, chosen["teacher_share"] if reached else -chosen["task_success"], not verifier)
+        chosen, reached = choose(dev_curve, target, budget)
+        over = budget is not None and chosen["teacher_share"] > budget + 1e-12
+        rank = (over, not reached, chosen["teacher_share"] if reached else -chosen["task_success"], not verifier)
         fits.append((rank, verifier, dev_curve, chosen, reached))
     _, verifier, dev_curve, chosen, reached = min(fits, key=lambda f: f[0])
     success, share = outcome(eval_rows["student"], eval_rows["teacher"], chosen["threshold"], route.signal, verifier)
@@ -82,4 +92,5 @@ def fit_and_evaluate(dev_rows: dict[str, list[dict]], eval_rows: dict[str, list[
         "dev": {"task_success": chosen["task_success"], "teacher_share": chosen["teacher_share"]},
         "eval": {"task_success": metrics.summary(success, seed), "teacher_share": round(share, 4)},
         "dev_curve": dev_curve, "eval_curve": curve(eval_rows["student"], eval_rows["teacher"], route.signal, verifier),
+        **({"max_teacher_share": budget, "within_budget_on_dev": chosen["teacher_share"] <= budget + 1e-12} if budget is not None else {}),
     }  # fmt: skip
