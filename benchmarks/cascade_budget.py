@@ -12,8 +12,11 @@ threshold fitted elsewhere reaches on these examples, not a fitted result.
 
 For each first model the run evaluated (the int8 student, the float student, the pool-only student),
 each confidence signal, with and without the format verifier. Also the verifier's floor: the share of
-answers failing the format check (the verifier alone sends those) and the teacher's task success on
-them. Prints one JSON object; the eval stage's own fitted cascade is repeated under ``fitted``.
+answers failing the format check (the verifier alone sends those), the teacher's task success on them,
+and both per example tag (``unseen_function``...). Prints one JSON object; the eval stage's own fitted
+cascade is repeated under ``fitted``, and ``dev_fit_within_budget`` is what ``route.max_teacher_share``
+would have fitted on the run's stored dev curve (the fitted verifier setting's only), applied to the
+held-out answers: a dev fit, not hindsight.
 """
 
 from __future__ import annotations
@@ -69,6 +72,16 @@ def main() -> None:
     fitted = results.get("cascade")
     if fitted:
         out["fitted"] = {k: fitted[k] for k in ("student", "signal", "verifier", "threshold", "dev_examples", "dev", "eval") if k in fitted}
+        # what route.max_teacher_share would have fitted: the run's dev curve (its fitted verifier setting only; the
+        # other setting's dev curve is not stored) refitted under the budget, applied to the held-out answers
+        chosen, reached = routing.choose(fitted["dev_curve"], fitted["target"], args.max_share)
+        first = [r for r in rows if r["model"] == fitted.get("student", "student")]
+        success, share = routing.outcome(first, teacher, chosen["threshold"], fitted["signal"], fitted["verifier"])
+        out["dev_fit_within_budget"] = {
+            "verifier": fitted["verifier"], "threshold": chosen["threshold"], "target_reached_on_dev": reached,
+            "dev": {"task_success": chosen["task_success"], "teacher_share": chosen["teacher_share"]},
+            "eval": {"task_success": metrics.summary(success, seed), "teacher_share": round(share, 4)},
+        }  # fmt: skip
     for name in FIRST_MODELS:
         student = [r for r in rows if r["model"] == name]
         if not student:
@@ -76,10 +89,16 @@ def main() -> None:
         if {r["example_id"] for r in student} != set(by_id):
             sys.exit(f"{outputs_path}: {name} and the teacher answered different examples")
         failing = [r for r in student if not r["metrics"].get("format_validity", 1.0)]
+        tags = sorted({t for r in student for t in r.get("tags") or []})
+        by_tag = {tag: [r for r in student if tag in (r.get("tags") or [])] for tag in tags}
+        by_tag["untagged"] = [r for r in student if not r.get("tags")]
         out["first_models"][name] = {
             "task_success": metrics.summary([r["metrics"]["task_success"] for r in student], seed),
             "format_failures": {"share": round(len(failing) / len(student), 4),
-                                "teacher_task_success_on_them": round(sum(by_id[r["example_id"]]["metrics"]["task_success"] for r in failing) / max(len(failing), 1), 4)},
+                                "teacher_task_success_on_them": round(sum(by_id[r["example_id"]]["metrics"]["task_success"] for r in failing) / max(len(failing), 1), 4),
+                                "by_tag": {tag: {"examples": len(rs), "share": round(sum(not r["metrics"].get("format_validity", 1.0) for r in rs) / max(len(rs), 1), 4),
+                                                 "teacher_task_success": round(sum(by_id[r["example_id"]]["metrics"]["task_success"] for r in rs) / max(len(rs), 1), 4)}
+                                           for tag, rs in by_tag.items()}},
             "signals": {signal: {("with_verifier" if v else "confidence_only"): budget(student, teacher, signal, v, args.max_share, seed)
                                  for v in (True, False)} for signal in routing.SIGNALS},
         }  # fmt: skip

@@ -106,6 +106,12 @@ def test_run_skip_force_and_a_loadable_student(config, tmp_path):
     assert cascade["max_teacher_share"] == 0.5 and cascade["within_budget_on_dev"] == (cascade["dev"]["teacher_share"] <= 0.5)
     assert cascade["within_budget_on_dev"] or cascade["dev"]["teacher_share"] == min(p["teacher_share"] for p in cascade["dev_curve"])
     assert "within a teacher budget of 50.0%" in (run / "report.md").read_text()
+    # benchmarks/cascade_budget.py refits the stored dev curve under a budget: under this run's own, the eval stage's fit
+    bench = Path(__file__).parents[1] / "benchmarks" / "cascade_budget.py"
+    proc = subprocess.run([sys.executable, str(bench), "--run", str(run), "--max-share", "0.5"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    refit = json.loads(proc.stdout)["dev_fit_within_budget"]
+    assert (refit["threshold"], refit["dev"], refit["eval"]) == (cascade["threshold"], cascade["dev"], cascade["eval"])
     assert "latency_p50_ratio" in everything["speed_student_int8_vs_student"]
     assert set(results["student"]["per_slice"]) == {r["slice"] for r in map(json.loads, (run / "eval" / "outputs.jsonl").open())}
 
