@@ -23,28 +23,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 FIRST_MODELS = ("student_int8", "student", "pool_only")
 
 
-def budget(student: list[dict], teacher: list[dict], signal: str, verifier: bool, max_share: float, seed: int) -> dict:
+def budget(student: list[dict], teacher: list[dict], signal: str, verifier: bool, max_share: float, teacher_success: float, seed: int) -> dict:
     from stillroom import metrics, routing
 
     points = routing.curve(student, teacher, signal, verifier)
-    teacher_success = sum(r["metrics"]["task_success"] for r in teacher) / len(teacher)
-    within = [p for p in points if p["teacher_share"] <= max_share + 1e-12]
-    reaching = [p for p in points if p["task_success"] >= round(teacher_success, 4) - 1e-12]
-    out = {"lowest_share": min(p["teacher_share"] for p in points)}
-    if within:
-        best = max(within, key=lambda p: (p["task_success"], -p["teacher_share"]))
+    out = {"lowest_share": min(p["teacher_share"] for p in points), "best_within_budget": None}
+    best, _ = routing.choose(points, math.inf, max_share)  # nothing reaches infinity: the best task success within the budget
+    if best["teacher_share"] <= max_share + 1e-12:  # else even the lowest threshold overspends it (the verifier's floor)
         success, share = routing.outcome(student, teacher, best["threshold"], signal, verifier)
         out["best_within_budget"] = {"task_success": metrics.summary(success, seed), "teacher_share": round(share, 4), "threshold": best["threshold"]}
-    else:
-        out["best_within_budget"] = None  # even the lowest threshold sends more than the budget (the verifier's floor)
-    out["share_to_reach_teacher"] = min(p["teacher_share"] for p in reaching) if reaching else None
+    cheapest, reached = routing.choose(points, round(teacher_success, 4))
+    out["share_to_reach_teacher"] = cheapest["teacher_share"] if reached else None
     return out
+
+
+def mean(values) -> float:
+    values = list(values)
+    return round(sum(values) / max(len(values), 1), 4)
 
 
 def main() -> None:
@@ -88,18 +90,16 @@ def main() -> None:
             continue
         if {r["example_id"] for r in student} != set(by_id):
             sys.exit(f"{outputs_path}: {name} and the teacher answered different examples")
-        failing = [r for r in student if not r["metrics"].get("format_validity", 1.0)]
-        tags = sorted({t for r in student for t in r.get("tags") or []})
-        by_tag = {tag: [r for r in student if tag in (r.get("tags") or [])] for tag in tags}
+        fails = lambda rs: mean(not r["metrics"].get("format_validity", 1.0) for r in rs)  # noqa: E731
+        teacher_on = lambda rs: mean(by_id[r["example_id"]]["metrics"]["task_success"] for r in rs)  # noqa: E731
+        by_tag = {tag: [r for r in student if tag in (r.get("tags") or [])] for tag in sorted({t for r in student for t in r.get("tags") or []})}
         by_tag["untagged"] = [r for r in student if not r.get("tags")]
+        failing = [r for r in student if not r["metrics"].get("format_validity", 1.0)]
         out["first_models"][name] = {
             "task_success": metrics.summary([r["metrics"]["task_success"] for r in student], seed),
-            "format_failures": {"share": round(len(failing) / len(student), 4),
-                                "teacher_task_success_on_them": round(sum(by_id[r["example_id"]]["metrics"]["task_success"] for r in failing) / max(len(failing), 1), 4),
-                                "by_tag": {tag: {"examples": len(rs), "share": round(sum(not r["metrics"].get("format_validity", 1.0) for r in rs) / max(len(rs), 1), 4),
-                                                 "teacher_task_success": round(sum(by_id[r["example_id"]]["metrics"]["task_success"] for r in rs) / max(len(rs), 1), 4)}
-                                           for tag, rs in by_tag.items()}},
-            "signals": {signal: {("with_verifier" if v else "confidence_only"): budget(student, teacher, signal, v, args.max_share, seed)
+            "format_failures": {"share": fails(student), "teacher_task_success_on_them": teacher_on(failing),
+                                "by_tag": {tag: {"examples": len(rs), "share": fails(rs), "teacher_task_success": teacher_on(rs)} for tag, rs in by_tag.items()}},
+            "signals": {signal: {("with_verifier" if v else "confidence_only"): budget(student, teacher, signal, v, args.max_share, teacher_success["mean"], seed)
                                  for v in (True, False)} for signal in routing.SIGNALS},
         }  # fmt: skip
     print(json.dumps(out, indent=2))

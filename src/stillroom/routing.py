@@ -81,10 +81,10 @@ def fit_and_evaluate(dev_rows: dict[str, list[dict]], eval_rows: dict[str, list[
     for verifier in ([True, False] if route.verifier == "auto" else [route.verifier]):
         dev_curve = curve(s_dev, t_dev, route.signal, verifier)
         chosen, reached = choose(dev_curve, target, budget)
-        over = budget is not None and chosen["teacher_share"] > budget + 1e-12
-        rank = (over, not reached, chosen["teacher_share"] if reached else -chosen["task_success"], not verifier)
+        within = budget is None or chosen["teacher_share"] <= budget + 1e-12
+        rank = (not within, not reached, chosen["teacher_share"] if reached else -chosen["task_success"], not verifier)
         fits.append((rank, verifier, dev_curve, chosen, reached))
-    _, verifier, dev_curve, chosen, reached = min(fits, key=lambda f: f[0])
+    (over, *_), verifier, dev_curve, chosen, reached = min(fits, key=lambda f: f[0])
     success, share = outcome(eval_rows["student"], eval_rows["teacher"], chosen["threshold"], route.signal, verifier)
     return {
         "signal": route.signal, "verifier": verifier, "verifier_setting": route.verifier, "threshold": chosen["threshold"],
@@ -92,5 +92,5 @@ def fit_and_evaluate(dev_rows: dict[str, list[dict]], eval_rows: dict[str, list[
         "dev": {"task_success": chosen["task_success"], "teacher_share": chosen["teacher_share"]},
         "eval": {"task_success": metrics.summary(success, seed), "teacher_share": round(share, 4)},
         "dev_curve": dev_curve, "eval_curve": curve(eval_rows["student"], eval_rows["teacher"], route.signal, verifier),
-        **({"max_teacher_share": budget, "within_budget_on_dev": chosen["teacher_share"] <= budget + 1e-12} if budget is not None else {}),
+        **({"max_teacher_share": budget, "within_budget_on_dev": not over} if budget is not None else {}),
     }  # fmt: skip

@@ -207,15 +207,21 @@ def _compression_and_cascade(results: dict, models: dict) -> list[tuple]:
                       f"{c['threshold']:.4g}{' or its answer fails the format verifiers' if c['verifier'] else ''}. The threshold was "
                       f"fitted on {c['dev_examples']} dev examples to reach task success {_pct(c['target'])} "
                       f"({'reached' if c['target_reached_on_dev'] else 'not reached: the best point was taken'}) with the fewest "
-                      f"teacher answers" + (f", within a teacher budget of {_pct(c['max_teacher_share'])} of the requests ("
-                      + ("kept on dev" if c["within_budget_on_dev"] else "no threshold keeps it on dev: the smallest share was taken")
-                      + ")" if "max_teacher_share" in c else "") + "."),
+                      f"teacher answers{_budget(c)}."),
                 ("table", ["", "task success", "teacher share"],
                  [["cascade, dev (fit)", _pct(c["dev"]["task_success"]), _pct(c["dev"]["teacher_share"])],
                   ["cascade, held-out", _ci(c["eval"]["task_success"]), _pct(c["eval"]["teacher_share"])],
                   ["teacher alone, held-out", _pct(t), "100.0%"], ["student alone, held-out", _pct(s), "0.0%"]]),
                 ("chart", "cascade", charts.cascade_curve(c, t, s), "cascade task success against teacher share")]  # fmt: skip
     return out
+
+
+def _budget(c: dict) -> str:
+    """The cascade's teacher budget (route.max_teacher_share), where one was set."""
+    if "max_teacher_share" not in c:
+        return ""
+    kept = "kept on dev" if c["within_budget_on_dev"] else "no threshold keeps it on dev: the smallest share was taken"
+    return f", within a teacher budget of {_pct(c['max_teacher_share'])} of the requests ({kept})"
 
 
 def _worst(g: dict) -> list:
