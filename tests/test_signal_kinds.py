@@ -112,7 +112,7 @@ def test_reference_only_examples_train_by_their_reference_and_never_reach_the_te
     extra = [json.loads(line) for line in (prep / "train_reference.jsonl").open()]
     extra_ids = {e["id"] for e in extra}
     assert extra and not extra_ids & set().union(*split_ids.values())
-    assert all(split_for(e, 0.2, 0.1) == "train" and e.get("pinned_split") != "eval" and (e["reference"] or e["reference_trace"]) for e in extra)
+    assert all(split_for(e, 0.2, 0.1) == "train" and e.get("pinned_split") not in ("eval", "not_train") and (e["reference"] or e["reference_trace"]) for e in extra)
     counts = json.loads((prep / "manifest.json").read_text())["counts"]
     assert counts["train_reference"] == len(extra) and counts["train"] == len(split_ids["train"])
     # the teacher's samples, the self-generated ones and the pairs cover the train and dev prompts only; the

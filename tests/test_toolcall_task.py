@@ -63,10 +63,10 @@ def test_held_out_functions_never_reach_training_prompts():
     assert len(held) == 6
     ex = build(400)
     pinned = [e for e in ex if "unseen_function" in e.get("tags", [])]
-    assert pinned and all(e["pinned_split"] == "eval" for e in pinned), "some examples should use held-out functions"
+    assert pinned and all(e["pinned_split"] == "not_train" for e in pinned), "some examples should use held-out functions"
     for e in ex:
         offered = {t["function"]["name"] for t in e["tools"]}
-        if e.get("pinned_split") != "eval":
+        if e.get("pinned_split") != "not_train":
             assert not offered & held, e["id"]
         elif "unseen_function" in e.get("tags", []):
             intended = e["expected"]["calls"][0]["name"] if "calls" in e["expected"] else e["expected"]["function"]
@@ -85,6 +85,24 @@ def test_held_out_requests_of_the_fixed_pools_are_only_ever_evaluated():
     for e in ex:
         split = split_for(e, 0.3, 0.1)
         assert (split == "eval") == (e["request"] in held), e["id"]
+
+
+def test_examples_kept_out_of_training_go_to_eval_or_to_eval_and_dev_by_config():
+    """``data.not_train_split``: by default every held-out function and request is evaluated; with
+    ``eval_and_dev`` the hash spreads them over eval and dev in proportion to the two fractions (so the
+    dev fit sees them), and none ever lands in train; the rest of the split does not move."""
+    from stillroom.stages.prepare import split_for
+
+    ex = build(1200)
+    kept = [e for e in ex if e.get("pinned_split") == "not_train"]
+    assert {t for e in kept for t in e["tags"]} == {"unseen_function", "unseen_request"}
+    assert all(split_for(e, 0.2, 0.1) == "eval" for e in kept)
+    spread = collections.Counter(split_for(e, 0.2, 0.1, "eval_and_dev") for e in kept)
+    assert set(spread) == {"eval", "dev"}
+    assert abs(spread["dev"] / len(kept) - 1 / 3) < 0.08, spread  # dev 0.1 of the 0.3 held out
+    assert all(split_for(e, 0.2, 0.0, "eval_and_dev") == "eval" for e in kept)  # no dev split: all held out
+    rest = [e for e in ex if e.get("pinned_split") != "not_train"]
+    assert [split_for(e, 0.2, 0.1) for e in rest] == [split_for(e, 0.2, 0.1, "eval_and_dev") for e in rest]
 
 
 def test_training_sees_many_distinct_no_call_and_refusal_requests():

@@ -302,7 +302,11 @@ class DataConfig(Section):
     layer_weights: dict[str, float] = {"core": 0.5, "failure": 0.25, "long_tail": 0.25}
     eval_fraction: float = Field(0.2, gt=0, lt=1)  # share of examples held out for evaluation
     dev_fraction: float = Field(0.1, ge=0, lt=1)  # share held out for dev (early stopping, fitting)
-    held_out_functions: int = Field(6, ge=0)  # functions that appear only in the eval split
+    held_out_functions: int = Field(6, ge=0)  # functions never offered in training (tag `unseen_function`)
+    # where the examples a task keeps out of training go (held-out functions, held-out requests): the eval split
+    # alone, or eval and dev in proportion to their fractions (dev, where cascade thresholds and temperatures are
+    # fitted, then holds the same kinds of example as the held-out split)
+    not_train_split: Literal["eval", "eval_and_dev"] = "eval"
     train_split_labelled: bool = True  # false: the train split is an unlabelled pool (its references are dropped in prepare;
     # only the teacher labels it); the labelled pool is then `reference_examples`
     select: SelectConfig = SelectConfig()

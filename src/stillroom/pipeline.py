@@ -31,7 +31,8 @@ def _stages(cfg: PipelineConfig | None = None) -> list[Stage]:
     generate_config = ("run.seed", "teacher", *(f"signals.{k}" for k in GENERATE_FIELDS))  # not `kind`: variants share the teacher's signals
 
     return [
-        Stage("prepare", prepare.run, (), ("run.seed", "data"), "build the task's examples and fixed splits", external=prepare.external),
+        Stage("prepare", prepare.run, (), ("run.seed", "data"), "build the task's examples and fixed splits", "0.2.0",
+              external=prepare.external),
         Stage("adapt", adapt.run, ("prepare",), ("run.seed", "teacher", "adapt"),
               "teacher correction: fine-tune the teacher on the labelled pool", "0.1.0", task=True),
         Stage("generate", generate.run, ("prepare", "adapt"), generate_config, "sample teacher candidates and traces", "0.4.0", task=True),

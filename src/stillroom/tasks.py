@@ -26,8 +26,9 @@ class Task(Protocol):
     name: str
 
     def build_examples(self, n: int, layer_weights: dict[str, float], seed: int, held_out_functions: int) -> list[dict]:
-        """``n`` examples split across layers by weight. Examples that must only ever be evaluated
-        (e.g. they use held-out functions) carry ``"pinned_split": "eval"``; those that must never be
+        """``n`` examples split across layers by weight. Examples that must never be trained on (e.g.
+        they use held-out functions) carry ``"pinned_split": "not_train"`` (held out: eval, or eval and dev
+        by ``data.not_train_split``), or ``"eval"`` to be evaluated only; those that must never be held out
         (their request text is one a held-out example uses) carry ``"pinned_split": "not_eval"``."""
 
     def examples_from_config(self, cfg) -> tuple[list[dict], dict]:

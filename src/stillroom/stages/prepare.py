@@ -27,12 +27,19 @@ from stillroom.rundir import StageContext, read_manifest, sha256_file
 SPLITS = ("train", "dev", "eval")
 
 
-def split_for(example: dict, eval_fraction: float, dev_fraction: float) -> str:
-    """The example's split: pinned ``eval`` by the task, or by the hash of its id (``not_eval``:
-    never held out, so a hash that says eval puts it in train)."""
+def split_for(example: dict, eval_fraction: float, dev_fraction: float, not_train: str = "eval") -> str:
+    """The example's split: pinned by the task, or by the hash of its id. ``not_eval``: never held out, so
+    a hash that says eval puts it in train. ``not_train``: never trained on (a function or request kept for
+    measuring generalization); with ``not_train="eval"`` it is held out, with ``"eval_and_dev"`` the hash
+    puts it in eval or dev in proportion to their fractions, so that dev (where thresholds and temperatures
+    are fitted) holds the same kinds of examples as the held-out split."""
     pinned = example.get("pinned_split")
     if pinned in ("train", "dev", "eval"):  # the chat task pins train and dev too (whole conversations, given files)
         return pinned
+    if pinned == "not_train":
+        if not_train == "eval" or not dev_fraction:
+            return "eval"
+        return split_of(example["id"], eval_fraction / (eval_fraction + dev_fraction), 1.0)
     split = split_of(example["id"], eval_fraction, dev_fraction)
     return "train" if pinned == "not_eval" and split == "eval" else split
 
@@ -90,7 +97,7 @@ def run(ctx: StageContext) -> None:
         raise RuntimeError(f"task {d.task!r} produced duplicate example ids")
     by_split = {s: [] for s in SPLITS}
     for e in examples:
-        by_split[split_for(e, d.eval_fraction, d.dev_fraction)].append(e)
+        by_split[split_for(e, d.eval_fraction, d.dev_fraction, d.not_train_split)].append(e)
     if not d.train_split_labelled:
         by_split["train"] = [{k: v for k, v in e.items() if k not in UNLABELLED_DROP} for e in by_split["train"]]
     for split, rows in by_split.items():
@@ -102,12 +109,12 @@ def run(ctx: StageContext) -> None:
         seen = set(ids)
         grown = [e for e in task.build_examples(d.n_examples + d.reference_examples, d.layer_weights, ctx.cfg.run.seed,
                                                 d.held_out_functions) if e["id"] not in seen]  # fmt: skip
-        extra = [e for e in grown if split_for(e, d.eval_fraction, d.dev_fraction) == "train"
+        extra = [e for e in grown if split_for(e, d.eval_fraction, d.dev_fraction, d.not_train_split) == "train"
                  and (e.get("reference") or e.get("reference_trace"))]  # fmt: skip
         atomic.write_jsonl(ctx.dir / f"{REFERENCE_ONLY}.jsonl", extra)
         ctx.counts[REFERENCE_ONLY] = len(extra)
         ctx.counts[f"{REFERENCE_ONLY}_by_layer"] = dict(sorted(collections.Counter(e["layer"] for e in extra).items()))
         ctx.counts["reference_examples_dropped"] = len(grown) - len(extra)
-    train_fns = {t["function"]["name"] for e in (*by_split["train"], *by_split["dev"], *extra) for t in e["tools"]}
+    train_fns = {t["function"]["name"] for e in (*by_split["train"], *extra) for t in e["tools"]}  # dev is never trained on
     eval_fns = {c["name"] for e in by_split["eval"] for c in e["expected"].get("calls", [])}
     ctx.counts["eval_functions_unseen_in_training"] = len(eval_fns - train_fns)

@@ -433,10 +433,10 @@ class ToolCallTask:
             "reference": self.reference(expected) or self._plain_reference(slice_, request, expected),
         }
         if intended in held:  # generalization to tools added after training: reported as tag `unseen_function`
-            example["pinned_split"] = "eval"
+            example["pinned_split"] = "not_train"  # held out (data.not_train_split: eval, or eval and dev)
             example["tags"] = ["unseen_function"]
-        elif slice_ in ("no_tool", "unsafe"):  # the fixed request pools: half only ever evaluated, the rest never
-            example["pinned_split"] = "eval" if unseen_request else "not_eval"
+        elif slice_ in ("no_tool", "unsafe"):  # the fixed request pools: half never trained on, the rest never evaluated
+            example["pinned_split"] = "not_train" if unseen_request else "not_eval"
             example["tags"] = ["unseen_request"] if unseen_request else []
         return example
 
