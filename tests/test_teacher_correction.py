@@ -119,6 +119,22 @@ def test_corrected_teacher_feeds_every_later_stage_and_baselines_are_measured(tm
         assert proc.returncode == 0, proc.stderr[-3000:]
         return json.loads(proc.stdout)
 
+    # float32 against bfloat16 weights (benchmarks/inference_precision.py), through the eval stage's own pass: the
+    # float32 answers are the eval stage's; the bfloat16 difference is paired on the same examples
+    bench = Path(__file__).parents[1] / "benchmarks" / "inference_precision.py"
+    proc = subprocess.run([sys.executable, str(bench), "--run", str(run), "--models", "teacher", "student", "pool_only",
+                           "--examples", str(n)], capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    precision = json.loads(proc.stdout)
+    assert precision["examples"] == n
+    for label, row in precision["models"].items():
+        f32, bf16, vs = row["float32"], row["bfloat16"], row["bfloat16_vs_float32"]
+        assert f32["task_success"]["mean"] == pytest.approx(results["models"][label]["metrics"]["task_success"]["mean"], abs=1e-4), label
+        assert f32["same_as_eval_stage"] == 1.0 and f32["task_success"]["n"] == bf16["task_success"]["n"] == n
+        assert 0.0 <= vs["identical_answers"] <= 1.0 and vs["identical_answers"] == pytest.approx(bf16["same_as_eval_stage"], abs=1e-4)
+        assert vs["task_success_delta"]["delta"] == pytest.approx(bf16["task_success"]["mean"] - f32["task_success"]["mean"], abs=1e-3)
+        assert vs["speedup"] == pytest.approx(f32["seconds"] / bf16["seconds"], rel=0.05)
+
     nothing, everything = cascade_budget("0"), cascade_budget("1")
     teacher_success = results["models"]["teacher"]["metrics"]["task_success"]["mean"]
     assert nothing["teacher_task_success"]["mean"] == teacher_success
