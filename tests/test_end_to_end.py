@@ -159,6 +159,15 @@ def test_run_skip_force_and_a_loadable_student(config, tmp_path):
     stale = cli("registry", "register", run, "-r", reg, check=False)
     assert stale.returncode == 2 and "so every stage matches" in " ".join(stale.stderr.split()), stale.stderr
 
+    # eval.dtype: the teacher and the float student run in bfloat16 (read off their weights), the int8 student around
+    # its float32 rest; only eval and report run again
+    float_results = json.loads((run / "eval" / "results.json").read_text())
+    assert all("dtype" not in m for m in float_results["models"].values())
+    halved = cli("eval", config, "eval.dtype=bfloat16", expect=GATES_FAILED)
+    assert [s for s in STAGES if f"{s}: up to date" in halved.stderr] == STAGES[:-2], halved.stderr
+    models = json.loads((run / "eval" / "results.json").read_text())["models"]
+    assert {label: m["dtype"] for label, m in models.items()} == {"teacher": "bfloat16", "student": "bfloat16", "student_int8": "float32"}
+
 
 def test_run_killed_during_generate_resumes_without_lost_or_duplicate_records(config, tmp_path):
     cli("generate", config)  # uninterrupted reference, run "a"

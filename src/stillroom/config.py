@@ -586,6 +586,9 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(64, ge=1)  # per assistant turn
     max_tool_steps: int = Field(4, ge=1)  # assistant turns of a multi-step episode against the task's tools
     latency_requests: int = Field(12, ge=0)  # requests timed one at a time, end to end
+    # the weights' dtype of the models this stage runs in process on the torch engine (the teachers and the float
+    # students; a quantized student stays float32 around its int8 layers); None: teacher.dtype and student.dtype
+    dtype: Literal["float32", "bfloat16"] | None = None
     metrics: list[str] = ["task_success", "format_validity", "unsafe_compliance", "over_refusal"]  # registered metrics
     # what calibration reads; auto: the signal with the lowest ECE on the dev split (the student's dev pass), a rule fixed before any held-out number is seen
     confidence: Literal["mean_token_prob", "min_token_prob", "seq_prob", "auto"] = "mean_token_prob"

@@ -160,10 +160,12 @@ def run(ctx: StageContext) -> None:
     student_dir = str(ctx.inputs["train"] / "model")
     teacher = ctx.teacher  # the corrected teacher where `adapt` ran
     scratch = tempfile.TemporaryDirectory(prefix="stillroom-gguf-")  # llamacpp: the GGUF files, gone after the stage
-    load_local = Loader(ecfg.engine, Path(scratch.name), cfg.student.dtype)
+    load_local = Loader(ecfg.engine, Path(scratch.name), ecfg.dtype or cfg.student.dtype)
 
     def load_teacher(label, t):
-        return load_local(label, t.model) if t.backend == "hf" and ecfg.engine != "torch" else registry().get("teacher", t.backend)(t)
+        if t.backend == "hf" and ecfg.engine != "torch":
+            return load_local(label, t.model)
+        return registry().get("teacher", t.backend)(t.model_copy(update={"dtype": ecfg.dtype}) if ecfg.dtype and t.backend == "hf" else t)
 
     candidates = [
         ("teacher", lambda: load_teacher("teacher", teacher), lambda e: task.teacher_messages(e, teacher.context)),
@@ -189,7 +191,7 @@ def run(ctx: StageContext) -> None:
     elif quantize != "none":
         candidates.append((f"student_{quantize.split('_')[0]}", lambda: load_local("student_int8", student_dir, quantize, smoothing),
                            task.student_messages))  # fmt: skip
-    results, rows_of, dev_rows_of, extra, measured = {}, {}, {}, {}, {}
+    results, rows_of, dev_rows_of, extra, measured, extra_of = {}, {}, {}, {}, {}, {}
     routed = next((c[0] for c in candidates if c[0].startswith("student_") and c[0] not in constraint_of), "student")  # the served student: quantized when it is
     auto_confidence = ecfg.confidence == "auto"
     need_dev = ({"student"} if ecfg.fit_temperature or auto_confidence else set()) | ({"teacher", routed} if cfg.route.enabled else set())
@@ -216,6 +218,8 @@ def run(ctx: StageContext) -> None:
         if hasattr(endpoint, "weight_mb"):  # a GGUF on llama.cpp: its file's size
             size = (None, endpoint.weight_mb)
         ctx.timings[f"{label}_s"] = round(time.perf_counter() - t0, 3)  # load, held-out, latency and dev passes
+        if ecfg.dtype and local is not None:  # what the model ran in (read off its weights), beside the figures
+            extra_of[label] = {"dtype": str(next(local.parameters()).dtype).removeprefix("torch.")}
         measured[label] = (rows, latencies, new_tokens, batch_s, size, mem.mb if in_process else None)
         rows_of[label] = rows
         del endpoint, local
@@ -223,6 +227,7 @@ def run(ctx: StageContext) -> None:
     ecfg_used = ecfg.model_copy(update={"confidence": chosen["signal"]}) if chosen else ecfg
     for label, (rows, latencies, new_tokens, batch_s, size, peak) in measured.items():
         results[label] = summarize(rows, latencies, new_tokens, batch_s, ecfg_used, ecfg.metrics, price, seed, size, peak)
+        results[label].update(extra_of.get(label, {}))
         if label == "teacher":
             results[label].update(extra)
     measured.clear()
