@@ -5,9 +5,9 @@ answer its held-out examples in float32 and in bfloat16, through the eval stage'
 
 The demo evaluates and labels in float32 (``student.dtype``, ``teacher.dtype``). A CPU with AMX or
 AVX512-BF16 runs bfloat16 matmuls faster, and much of the eval and generate stages' time is prompt
-prefill, a batch of matmuls. Each model (``teacher``: the corrected teacher ``adapt/model`` in its
-teacher prompt view; ``student``: ``train/model``; ``pool_only``: ``baseline/model``) answers the
-first ``--examples`` held-out examples with ``evaluate.quality_pass`` (greedy, batched, the eval
+prefill, a batch of matmuls. Each model (``teacher``: the run's teacher, the corrected one
+``adapt/model`` where ``adapt`` ran, in its teacher prompt view; ``student``: ``train/model``;
+``pool_only``: ``baseline/model``) answers the first ``--examples`` held-out examples with ``evaluate.quality_pass`` (greedy, batched, the eval
 config's token cap and tool steps), once per dtype, one right after the other, so both see the same
 machine. Prints one JSON object: per model and dtype the pass's seconds (after one untimed warm-up
 answer), requests/s, task success, and the share of answers identical to those the run's eval stage
@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-FOLDERS = {"teacher": "adapt/model", "student": "train/model", "pool_only": "baseline/model"}
+FOLDERS = {"student": "train/model", "pool_only": "baseline/model"}  # the teacher: the run's effective one
 
 
 def answer(label: str, folder: Path, dtype: str, examples: list[dict], messages_of, ecfg) -> tuple[list[dict], float]:
@@ -69,7 +69,7 @@ def compare(runs: dict[str, tuple[list[dict], float]], seed: int, recorded: dict
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, default=Path("runs/demo"), help="a run whose train (and adapt, baseline) stages finished")
-    ap.add_argument("--models", nargs="+", default=["teacher", "student"], choices=sorted(FOLDERS))
+    ap.add_argument("--models", nargs="+", default=["teacher", "student"], choices=["teacher", *sorted(FOLDERS)])
     ap.add_argument("--examples", type=int, default=96, help="the first N held-out examples")
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     args = ap.parse_args()
@@ -89,8 +89,8 @@ def main() -> None:
     answers = atomic.read_jsonl(outputs) if outputs.exists() else []
     out = {"run": str(args.run), "examples": len(examples), "batch_size": cfg.eval.batch_size, "models": {}}
     for label in args.models:
-        folder = args.run / FOLDERS[label]
-        if not (folder / "model.safetensors").exists() and not any(folder.glob("*.safetensors")):
+        folder = Path(teacher.model) if label == "teacher" else args.run / FOLDERS[label]
+        if label != "teacher" and not any(folder.glob("*.safetensors")):
             sys.exit(f"{folder}: no model weights; has the run's {FOLDERS[label].split('/')[0]} stage finished?")
         with contextlib.redirect_stdout(sys.stderr):  # the progress bars; stdout carries the JSON alone
             runs = {dtype: answer(label, folder, dtype, examples, messages_of.get(label, task.student_messages), cfg.eval)

@@ -112,13 +112,6 @@ def test_corrected_teacher_feeds_every_later_stage_and_baselines_are_measured(tm
         assert m["requests_per_s"] == pytest.approx(len(mine) / seconds, rel=1e-2) and m["requests_per_s"] == pytest.approx(len(mine) / m["batch_seconds"], rel=1e-2)
     assert {"teacher", "student", "pool_only"} <= set(speed) and speed["teacher"]["requests_per_s_ratio"] == 1.0
 
-    # the cascade under a teacher budget (benchmarks/cascade_budget.py), read off the held-out curve
-    def cascade_budget(max_share: str) -> dict:
-        bench = Path(__file__).parents[1] / "benchmarks" / "cascade_budget.py"
-        proc = subprocess.run([sys.executable, str(bench), "--run", str(run), "--max-share", max_share], capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return json.loads(proc.stdout)
-
     # float32 against bfloat16 weights (benchmarks/inference_precision.py), through the eval stage's own pass: the
     # float32 answers are the eval stage's; the bfloat16 difference is paired on the same examples
     bench = Path(__file__).parents[1] / "benchmarks" / "inference_precision.py"
@@ -134,6 +127,13 @@ def test_corrected_teacher_feeds_every_later_stage_and_baselines_are_measured(tm
         assert 0.0 <= vs["identical_answers"] <= 1.0 and vs["identical_answers"] == pytest.approx(bf16["same_as_eval_stage"], abs=1e-4)
         assert vs["task_success_delta"]["delta"] == pytest.approx(bf16["task_success"]["mean"] - f32["task_success"]["mean"], abs=1e-3)
         assert vs["speedup"] == pytest.approx(f32["seconds"] / bf16["seconds"], rel=0.05)
+
+    # the cascade under a teacher budget (benchmarks/cascade_budget.py), read off the held-out curve
+    def cascade_budget(max_share: str) -> dict:
+        bench = Path(__file__).parents[1] / "benchmarks" / "cascade_budget.py"
+        proc = subprocess.run([sys.executable, str(bench), "--run", str(run), "--max-share", max_share], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout)
 
     nothing, everything = cascade_budget("0"), cascade_budget("1")
     teacher_success = results["models"]["teacher"]["metrics"]["task_success"]["mean"]

@@ -163,9 +163,11 @@ def run(ctx: StageContext) -> None:
     load_local = Loader(ecfg.engine, Path(scratch.name), ecfg.dtype or cfg.student.dtype)
 
     def load_teacher(label, t):
-        if t.backend == "hf" and ecfg.engine != "torch":
+        if t.backend != "hf":
+            return registry().get("teacher", t.backend)(t)
+        if ecfg.engine != "torch":
             return load_local(label, t.model)
-        return registry().get("teacher", t.backend)(t.model_copy(update={"dtype": ecfg.dtype}) if ecfg.dtype and t.backend == "hf" else t)
+        return registry().get("teacher", "hf")(t.model_copy(update={"dtype": ecfg.dtype or t.dtype}))
 
     candidates = [
         ("teacher", lambda: load_teacher("teacher", teacher), lambda e: task.teacher_messages(e, teacher.context)),
@@ -191,7 +193,8 @@ def run(ctx: StageContext) -> None:
     elif quantize != "none":
         candidates.append((f"student_{quantize.split('_')[0]}", lambda: load_local("student_int8", student_dir, quantize, smoothing),
                            task.student_messages))  # fmt: skip
-    results, rows_of, dev_rows_of, extra, measured, extra_of = {}, {}, {}, {}, {}, {}
+    results, rows_of, dev_rows_of, measured = {}, {}, {}, {}
+    extra_of = {}  # label -> what a model's results add beside summarize's figures
     routed = next((c[0] for c in candidates if c[0].startswith("student_") and c[0] not in constraint_of), "student")  # the served student: quantized when it is
     auto_confidence = ecfg.confidence == "auto"
     need_dev = ({"student"} if ecfg.fit_temperature or auto_confidence else set()) | ({"teacher", routed} if cfg.route.enabled else set())
@@ -208,7 +211,7 @@ def run(ctx: StageContext) -> None:
             if label == "teacher" and teacher.context != "none" and ecfg.latency_requests:  # what the context costs
                 bare = latency_pass("teacher without context", endpoint, lambda e: task.teacher_messages(e, "none"),
                                     examples, ecfg.latency_requests, ecfg.max_new_tokens)  # fmt: skip
-                extra["latency_p50_ms_without_context"] = round(1000 * percentile(bare, 50), 1)
+                extra_of.setdefault(label, {})["latency_p50_ms_without_context"] = round(1000 * percentile(bare, 50), 1)
             if label in need_dev:  # the temperature fit (student) and the cascade threshold (teacher, routed student)
                 dev_rows_of[label], _, _ = quality_pass(f"{label} dev", endpoint, messages_of, dev, ecfg.batch_size,
                                                         ecfg.max_new_tokens, measures, ecfg.max_tool_steps)  # fmt: skip
@@ -219,7 +222,7 @@ def run(ctx: StageContext) -> None:
             size = (None, endpoint.weight_mb)
         ctx.timings[f"{label}_s"] = round(time.perf_counter() - t0, 3)  # load, held-out, latency and dev passes
         if ecfg.dtype and local is not None:  # what the model ran in (read off its weights), beside the figures
-            extra_of[label] = {"dtype": str(next(local.parameters()).dtype).removeprefix("torch.")}
+            extra_of.setdefault(label, {})["dtype"] = str(next(local.parameters()).dtype).removeprefix("torch.")
         measured[label] = (rows, latencies, new_tokens, batch_s, size, mem.mb if in_process else None)
         rows_of[label] = rows
         del endpoint, local
@@ -228,8 +231,6 @@ def run(ctx: StageContext) -> None:
     for label, (rows, latencies, new_tokens, batch_s, size, peak) in measured.items():
         results[label] = summarize(rows, latencies, new_tokens, batch_s, ecfg_used, ecfg.metrics, price, seed, size, peak)
         results[label].update(extra_of.get(label, {}))
-        if label == "teacher":
-            results[label].update(extra)
     measured.clear()
     scratch.cleanup()
     for label in results:

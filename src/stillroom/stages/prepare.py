@@ -36,19 +36,23 @@ def split_for(example: dict, eval_fraction: float, dev_fraction: float, not_trai
     pinned = example.get("pinned_split")
     if pinned in ("train", "dev", "eval"):  # the chat task pins train and dev too (whole conversations, given files)
         return pinned
-    if pinned == "not_train":
-        if not_train == "eval" or not dev_fraction:
-            return "eval"
-        return split_of(example["id"], eval_fraction / (eval_fraction + dev_fraction), 1.0)
+    if pinned == "not_train":  # with no dev split, everything is eval
+        held_out_to_eval = 1.0 if not_train == "eval" else eval_fraction / (eval_fraction + dev_fraction)
+        return "eval" if bucket(example["id"]) < held_out_to_eval else "dev"
     split = split_of(example["id"], eval_fraction, dev_fraction)
     return "train" if pinned == "not_eval" and split == "eval" else split
 
 
+def bucket(example_id: str) -> float:
+    """Where the id's hash falls in [0, 1): fixed by the id alone, so a split never depends on the others."""
+    return int.from_bytes(hashlib.sha256(example_id.encode()).digest()[:8], "big") / 2**64
+
+
 def split_of(example_id: str, eval_fraction: float, dev_fraction: float) -> str:
-    bucket = int.from_bytes(hashlib.sha256(example_id.encode()).digest()[:8], "big") / 2**64
-    if bucket < eval_fraction:
+    b = bucket(example_id)
+    if b < eval_fraction:
         return "eval"
-    return "dev" if bucket < eval_fraction + dev_fraction else "train"
+    return "dev" if b < eval_fraction + dev_fraction else "train"
 
 
 def read_split(prepare_dir: Path, split: str) -> list[dict]:
