@@ -11,7 +11,8 @@ prefill, a batch of matmuls. Each model (``teacher``: the run's teacher, the cor
 config's token cap and tool steps), once per dtype, one right after the other, so both see the same
 machine. Prints one JSON object: per model and dtype the pass's seconds (after one untimed warm-up
 answer), requests/s, task success, and the share of answers identical to those the run's eval stage
-recorded (float32 should give 1.0); bfloat16 against float32: the speed-up (a ratio within one
+recorded (the dtype the stage ran in should give 1.0: float32 unless ``eval.dtype`` says otherwise);
+bfloat16 against float32: the speed-up (a ratio within one
 process), the share of identical answers, and the paired task-success difference (bfloat16 − float32,
 95% paired bootstrap). Nothing in the run is written.
 """
@@ -45,7 +46,7 @@ def answer(label: str, folder: Path, dtype: str, examples: list[dict], messages_
 
 def compare(runs: dict[str, tuple[list[dict], float]], seed: int, recorded: dict[str, str]) -> dict:
     """Per dtype: seconds, requests/s, task success, and the share of answers identical to the eval stage's
-    recorded ones (``recorded``: example id -> answer; the stage runs float32); bfloat16 against float32:
+    recorded ones (``recorded``: example id -> answer); bfloat16 against float32:
     speed-up, identical answers, paired task-success difference."""
     from stillroom import metrics
 

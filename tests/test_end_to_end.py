@@ -74,6 +74,8 @@ def test_run_skip_force_and_a_loadable_student(config, tmp_path):
     verdict = json.loads((run / "eval" / "verdict.json").read_text())
     planted = next(g for g in verdict["gates"] if g["name"] == "planted")
     assert not verdict["passed"] and not planted["passed"] and planted["rows"][0]["threshold"] == 0.5
+    assert verdict["model"] == json.loads((run / "eval" / "results.json").read_text())["served"] == "student_int8"  # the form that ships
+    assert "judged on `student_int8`" in report
     for g in verdict["gates"]:
         assert all({"value", "threshold", "passed"} <= set(r) for r in g["rows"])
 

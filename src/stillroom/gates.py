@@ -1,9 +1,11 @@
-"""Ship / no-ship: the student's figures against ``eval.gates`` and the ``targets`` ceilings.
+"""Ship / no-ship: the served student's figures against ``eval.gates`` and the ``targets`` ceilings.
 
 ``verdict(results, gates, targets)`` reads the eval stage's results (per model: per-example metric
 summaries overall / per layer / per slice, and aggregate figures such as ECE and latency) and returns
 a machine-readable verdict: each gate's value, reference, threshold and pass / fail, per group where
-the gate is per layer or slice. A gate with nothing to measure (no example it applies to) passes and
+the gate is per layer or slice. The gates judge the form of the student that ships: ``results["served"]``
+(the quantized student where `compress` quantizes; it can refuse where the float one does not), or
+``student`` in results that do not name one. A gate with nothing to measure (no example it applies to) passes and
 says so; it never fails silently.
 """
 
@@ -75,6 +77,6 @@ def target_gates(targets) -> list:
 
 
 def verdict(results: dict, gates: list, targets) -> dict:
-    models = results["models"]
-    checked = [check(g, models["student"], models) for g in [*gates, *target_gates(targets)]]
-    return {"model": "student", "passed": all(c["passed"] for c in checked), "gates": checked}
+    models, served = results["models"], results.get("served", "student")
+    checked = [check(g, models[served], models) for g in [*gates, *target_gates(targets)]]
+    return {"model": served, "passed": all(c["passed"] for c in checked), "gates": checked}

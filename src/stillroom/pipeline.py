@@ -53,9 +53,9 @@ def _stages(cfg: PipelineConfig | None = None) -> list[Stage]:
               "write the student's inference recipe (quantization, smoothing scales)", "0.3.0", task=True),
         Stage("eval", evaluate.run, ("prepare", "adapt", "train", "baseline", "compress"),
               ("run.seed", "teacher", "student.dtype", "eval", "targets", "route"),
-              "measure teachers, students (quantized, pool-only, cascade); apply the gates", "0.5.0", evaluate.external, task=True),
+              "measure teachers, students (quantized, pool-only, cascade); apply the gates", "0.6.0", evaluate.external, task=True),
         Stage("report", report.run, ("prepare", "adapt", "select", "mix", "train", "baseline", "eval"), ("targets", "eval"),
-              "write the run report", "0.4.0"),
+              "write the run report", "0.4.1"),
     ]
 
 

@@ -267,6 +267,7 @@ def run(ctx: StageContext) -> None:
     if cfg.route.enabled:
         pick = lambda rows: {"teacher": rows["teacher"], "student": rows[routed]}  # noqa: E731
         out["cascade"] = {"student": routed, **routing.fit_and_evaluate(pick(dev_rows_of), pick(rows_of), cfg.route, seed)}
+    out["served"] = routed  # the form the gates judge: what the registry ships and the cascade answers with
     decision = gates.verdict(out, ecfg.gates, cfg.targets)
     atomic.write_json(ctx.dir / "results.json", out)
     atomic.write_json(ctx.dir / "verdict.json", decision)
@@ -341,7 +342,7 @@ def print_summary(out: dict, decision: dict) -> None:
         delta = "-" if d["delta"] is None else f"{100 * d['delta']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]" + (" *" if d["significant"] else "")
         table.add_row(layer, _ci(tm), _ci(sm), delta)
     console.print(table)
-    gt = Table(title="gates: " + ("PASSED" if decision["passed"] else "FAILED"))
+    gt = Table(title=f"gates on {decision['model']}: " + ("PASSED" if decision["passed"] else "FAILED"))
     for col in ("gate", "value", "threshold", "result"):
         gt.add_column(col)
     for g in decision["gates"]:
