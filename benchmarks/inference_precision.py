@@ -3,7 +3,8 @@ answer its held-out examples in float32 and in bfloat16, through the eval stage'
 
     python benchmarks/inference_precision.py --run runs/demo [--models teacher student] [--examples 96]
 
-The demo evaluates and labels in float32 (``student.dtype``, ``teacher.dtype``). A CPU with AMX or
+The demo labels in float32 (``teacher.dtype``) and evaluates in bfloat16 (``eval.dtype``, on this
+script's evidence; float32 before a5818f2). A CPU with AMX or
 AVX512-BF16 runs bfloat16 matmuls faster, and much of the eval and generate stages' time is prompt
 prefill, a batch of matmuls. Each model (``teacher``: the run's teacher, the corrected one
 ``adapt/model`` where ``adapt`` ran, in its teacher prompt view; ``student``: ``train/model``;

@@ -55,7 +55,7 @@ def blocks(cfg, results: dict, verdict: dict, card: dict, mix_card: dict, manife
               f"prompted with its few-shot context; student without it. Intervals are 95% bootstrap intervals "
               f"({cfg.eval.bootstrap} resamples); ⚑ marks a student - teacher difference whose interval excludes 0."),  # fmt: skip
         ("p", f"**Verdict: {'PASS' if verdict['passed'] else 'FAIL'}** ({sum(g['passed'] for g in verdict['gates'])} of "
-              f"{len(verdict['gates'])} gates passed, judged on `{verdict.get('model', 'student')}`)."),  # fmt: skip
+              f"{len(verdict['gates'])} gates passed, judged on `{verdict['model']}`)."),  # fmt: skip
         ("h2", "Teacher vs student"),
         ("table", ["model", *[n.replace("_", " ") for n in names], "ECE", "Brier", "params", "weights (MB)", "prompt tokens",
                    "p50 / p95 latency (ms)", "tokens/s", "requests/s", "peak memory (MB)", "cost / 1k req"],
